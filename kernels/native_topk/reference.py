@@ -1,0 +1,74 @@
+"""Plain PyTorch native-indexer scoring and top-k: the CPU path and the oracle for fast kernels."""
+
+from __future__ import annotations
+
+import torch
+
+SCORING_MODES = ("logit_sum", "prob_sum")
+
+# Elements of the largest per-chunk temporary ([chunk, H, L] for prob_sum).
+_CHUNK_ELEMENTS = 1 << 24
+
+
+def _check(q: torch.Tensor, kv: torch.Tensor, mode: str, topk: int) -> None:
+    if mode not in SCORING_MODES:
+        raise ValueError(f"native indexer: scoring mode must be one of {SCORING_MODES}, got {mode!r}")
+    if q.dim() != 3 or kv.dim() != 2 or q.shape[-1] != kv.shape[-1]:
+        raise ValueError(
+            f"native indexer: need q [T, H, D] and kv [L, D] with equal D, got {tuple(q.shape)}, {tuple(kv.shape)}"
+        )
+    if topk <= 0:
+        raise ValueError(f"native indexer: topk must be > 0, got {topk}")
+
+
+def _causal_mask(q_pos: torch.Tensor, num_keys: int) -> torch.Tensor:
+    """[C, L] True where key j <= query position (the keys a query may attend to)."""
+    keys = torch.arange(num_keys, device=q_pos.device)
+    return keys.unsqueeze(0) <= q_pos.unsqueeze(1)
+
+
+def native_scores_reference(
+    q: torch.Tensor, kv: torch.Tensor, mode: str, scale: float, q_pos: torch.Tensor
+) -> torch.Tensor:
+    """Scores [C, L] (fp32, -inf on non-causal keys) for query rows q [C, H, D] at positions q_pos [C]."""
+    q32, kv32 = q.float(), kv.float()
+    allowed = _causal_mask(q_pos, kv.shape[0])
+    if mode == "logit_sum":
+        scores = q32.sum(dim=1) @ kv32.t()
+    else:
+        logits = torch.einsum("chd,ld->chl", q32, kv32) * scale
+        logits = logits.masked_fill(~allowed.unsqueeze(1), float("-inf"))
+        scores = torch.softmax(logits, dim=-1).sum(dim=1)
+    return scores.masked_fill(~allowed, float("-inf"))
+
+
+def native_topk_reference(
+    q: torch.Tensor,
+    kv: torch.Tensor,
+    topk: int,
+    mode: str = "logit_sum",
+    scale: float = 1.0,
+    q_offset: int = 0,
+) -> torch.Tensor:
+    """Top-k causal keys per query of one sequence.
+
+    q [T, H, D] holds queries at positions q_offset .. q_offset+T-1; kv [L, D] holds keys at
+    positions 0 .. L-1. Returns indices [T, topk] int32 into kv, best first, -1 where a query has
+    fewer than topk causal keys. Runs without autograd: the indexer never receives a gradient.
+    """
+    _check(q, kv, mode, topk)
+    T, H, _ = q.shape
+    L = kv.shape[0]
+    out = torch.full((T, topk), -1, dtype=torch.int32, device=q.device)
+    keep = min(topk, L)
+    rows = max(1, _CHUNK_ELEMENTS // (L * (H if mode == "prob_sum" else 1)))
+    with torch.no_grad():
+        for s in range(0, T, rows):
+            e = min(T, s + rows)
+            q_pos = torch.arange(s, e, device=q.device) + q_offset
+            scores = native_scores_reference(q[s:e], kv, mode, scale, q_pos)
+            # Stable descending sort: equal scores keep the lower key index first.
+            order = torch.sort(scores, dim=-1, descending=True, stable=True).indices[:, :keep]
+            best = torch.gather(scores, 1, order)
+            out[s:e, :keep] = torch.where(torch.isinf(best), -1, order).to(torch.int32)
+    return out

@@ -1,0 +1,1 @@
+"""Command-line tools for nsmla: data preprocessing and building the bundled corpus."""
