@@ -67,9 +67,9 @@ def _model_args(p: argparse.ArgumentParser) -> None:
 
 def _training_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("training")
-    g.add_argument("--micro-batch-size", type=int, default=8)
+    g.add_argument("--micro-batch-size", type=int, default=4)
     g.add_argument("--global-batch-size", type=int, default=None, help="default: micro batch x data parallel")
-    g.add_argument("--train-iters", type=int, default=250)
+    g.add_argument("--train-iters", type=int, default=200)
     g.add_argument("--lr", type=float, default=2e-3)
     g.add_argument("--min-lr", type=float, default=2e-4)
     g.add_argument("--lr-decay-style", choices=("constant", "linear", "cosine", "inverse-square-root", "WSD"),
