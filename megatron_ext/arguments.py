@@ -83,6 +83,8 @@ def _training_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--clip-grad", type=float, default=1.0)
     g.add_argument("--seed", type=int, default=1234)
     g.add_argument("--bf16", action="store_true", help="bf16 autocast (GPU); parameters stay fp32")
+    g.add_argument("--deterministic", action="store_true",
+                   help="deterministic GPU algorithms (bit-identical reruns and resumes; slower)")
     g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     g.add_argument("--use-cpu-initialization", action="store_true",
                    help="initialise weights on the CPU (always on without CUDA); identical across TP sizes")

@@ -52,6 +52,13 @@ def initialize(rank: int, world_size: int, device: torch.device, tp: int, backen
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=1)
 
 
+def set_determinism(enabled: bool) -> None:
+    """Bit-identical GPU runs: deterministic kernels (index_add_ among them) and cuBLAS workspace."""
+    if enabled:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(enabled)
+
+
 def set_seed(seed: int, device: torch.device) -> None:
     """Same seed on every rank (as megatron with one pipeline stage): with CPU initialisation the
     full weights are drawn identically everywhere and each TP rank keeps its slice."""

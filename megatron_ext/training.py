@@ -181,6 +181,7 @@ def setup(argv=None):
         it = checkpointing.latest_iteration(args.load)
         if it is not None:
             checkpointing.check_checkpoint_args(args.load, it, args)
+    distributed.set_determinism(args.deterministic)
     distributed.set_seed(args.seed, device)
     model = build_model(config, args.padded_vocab_size, args.seq_length, args.untie_embeddings_and_output_weights)
     model.to(device)

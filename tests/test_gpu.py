@@ -20,7 +20,7 @@ def test_sparse_mla_gpu_matches_cpu(dtype, bound):
     dout = torch.randn(T, H, d_v, generator=gen).to(dtype)
     outs = {}
     for dev in ("cpu", "cuda"):
-        qd, kvd = q.to(dev).requires_grad_(), kv.to(dev).requires_grad_()
+        qd, kvd = q.to(dev).clone().requires_grad_(), kv.to(dev).clone().requires_grad_()
         out, lse = sparse_mla_reference(qd, kvd, idx.to(dev), D**-0.5, d_v)
         out.backward(dout.to(dev))
         outs[dev] = [t.detach().float().cpu() for t in (out, lse, qd.grad, kvd.grad)]

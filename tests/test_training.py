@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 import pretrain_nsmla
 
@@ -51,11 +52,13 @@ def test_default_corpus_loss_falls(tmp_path):
 
 
 def test_resume_continues_the_same_curve(tmp_path):
-    straight = losses(run(tmp_path, "straight", *MOCK, "--train-iters", "8"))
+    """Bit-identical continuation. On a GPU this needs --deterministic (CUDA index_add_ uses atomics)."""
+    det = ["--deterministic"] if torch.cuda.is_available() else []
+    straight = losses(run(tmp_path, "straight", *MOCK, *det, "--train-iters", "8"))
     ckpt = str(tmp_path / "ckpt")
-    run(tmp_path, "first", *MOCK, "--train-iters", "8", "--exit-interval", "4", "--save", ckpt)
+    run(tmp_path, "first", *MOCK, *det, "--train-iters", "8", "--exit-interval", "4", "--save", ckpt)
     assert open(os.path.join(ckpt, "latest_checkpointed_iteration.txt")).read() == "4"
-    resumed = losses(run(tmp_path, "second", *MOCK, "--train-iters", "8", "--load", ckpt, "--save", ckpt))
+    resumed = losses(run(tmp_path, "second", *MOCK, *det, "--train-iters", "8", "--load", ckpt, "--save", ckpt))
     assert sorted(resumed) == [5, 6, 7, 8]
     for it in resumed:
         assert resumed[it] == straight[it], f"iteration {it}: resumed {resumed[it]!r} != straight {straight[it]!r}"
