@@ -23,6 +23,9 @@ import warnings
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
+sys.path.insert(0, HERE)
+
+from results_io import RESULTS_DIR, write_results  # noqa: E402
 
 PRESETS = {
     # The default run of pretrain_nsmla.py (its own defaults), shortened.
@@ -68,7 +71,7 @@ def main() -> None:
     warnings.filterwarnings("ignore")
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
-    parser.add_argument("--out-dir", default=os.path.join(HERE, "results"))
+    parser.add_argument("--out-dir", default=RESULTS_DIR)
     opts, passthrough = parser.parse_known_args()
 
     import torch
@@ -118,12 +121,7 @@ def main() -> None:
         val = f"{r['validation_loss']:.4f}" if r["validation_loss"] is not None else "-"
         print(f"{r['variant']:8} {r['ms_per_iter']:9.1f} {r['tokens_per_s']:10,.0f} {r['speedup']:8.2f} {peak:>8} "
               f"{r['first_loss']:9.4f} {r['final_loss']:9.4f} {val:>9} {recall:>7}")
-    os.makedirs(opts.out_dir, exist_ok=True)
-    name = "".join(c if c.isalnum() or c in "-_." else "-" for c in device.replace(" ", "-"))
-    path = os.path.join(opts.out_dir, f"pretrain-{opts.preset}-{name}.json")
-    with open(path, "w") as f:
-        json.dump(records, f, indent=2)
-    print(f"wrote {path}")
+    write_results(records, f"pretrain-{opts.preset}", device, opts.out_dir)
 
 
 if __name__ == "__main__":

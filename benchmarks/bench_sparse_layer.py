@@ -14,7 +14,6 @@ benchmarks/results/sparse_layer-<device>.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -22,6 +21,9 @@ import warnings
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
+sys.path.insert(0, HERE)
+
+from results_io import RESULTS_DIR, write_results  # noqa: E402
 
 
 def main() -> None:
@@ -31,7 +33,7 @@ def main() -> None:
     p.add_argument("--topk", type=int, default=512)
     p.add_argument("--heads", type=int, default=16)
     p.add_argument("--scoring", default="logit_sum")
-    p.add_argument("--out-dir", default=os.path.join(HERE, "results"))
+    p.add_argument("--out-dir", default=RESULTS_DIR)
     opts = p.parse_args()
 
     import torch
@@ -67,7 +69,7 @@ def main() -> None:
         grad = torch.randn(L, 1, 2048, device=device)
         row = {}
         for variant, layer in layers.items():
-            def step():
+            def step(layer=layer, hidden=hidden, grad=grad):
                 with torch.autocast("cuda", dtype=torch.bfloat16):
                     out, _ = layer(hidden)
                 out.backward(grad)
@@ -90,14 +92,8 @@ def main() -> None:
             "scoring": opts.scoring, "device": name, "torch": torch.__version__, "triton": triton.__version__,
             "python": platform.python_version(),
         })
-        del hidden, grad
     distributed.shutdown()
-    os.makedirs(opts.out_dir, exist_ok=True)
-    fname = "".join(c if c.isalnum() or c in "-_." else "-" for c in name.replace(" ", "-"))
-    path = os.path.join(opts.out_dir, f"sparse_layer-{fname}.json")
-    with open(path, "w") as f:
-        json.dump(records, f, indent=2)
-    print(f"wrote {path}")
+    write_results(records, "sparse_layer", name, opts.out_dir)
 
 
 if __name__ == "__main__":

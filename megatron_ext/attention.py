@@ -24,7 +24,6 @@ from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 
 from kernels.sparse_mla import sparse_mla_reference
 
-from .indexer import NativeIndexer
 from .layers import sum_gradient_over_tp
 from .rope import MLARotary, apply_mla_rope, softmax_scale
 

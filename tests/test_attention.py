@@ -1,7 +1,5 @@
 """NSMLA attention module: absorbed vs non-absorbed MLA, sparse (k >= L) vs dense, gradients."""
 
-import copy
-
 import pytest
 import torch
 import torch.nn.functional as F
