@@ -121,7 +121,7 @@ def main() -> None:
         val = f"{r['validation_loss']:.4f}" if r["validation_loss"] is not None else "-"
         print(f"{r['variant']:8} {r['ms_per_iter']:9.1f} {r['tokens_per_s']:10,.0f} {r['speedup']:8.2f} {peak:>8} "
               f"{r['first_loss']:9.4f} {r['final_loss']:9.4f} {val:>9} {recall:>7}")
-    write_results(records, f"pretrain-{opts.preset}", device, opts.out_dir)
+    write_results(records, f"pretrain-{opts.preset}-{args.nsmla_kernel_backend}", device, opts.out_dir)
 
 
 if __name__ == "__main__":

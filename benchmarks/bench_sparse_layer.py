@@ -33,6 +33,7 @@ def main() -> None:
     p.add_argument("--topk", type=int, default=512)
     p.add_argument("--heads", type=int, default=16)
     p.add_argument("--scoring", default="logit_sum")
+    p.add_argument("--backend", choices=("reference", "triton"), default="reference", help="sparse attention kernels")
     p.add_argument("--out-dir", default=RESULTS_DIR)
     opts = p.parse_args()
 
@@ -55,14 +56,14 @@ def main() -> None:
         qk_head_dim=128, qk_pos_emb_head_dim=64, v_head_dim=128, rope_type="rope", index_topk=opts.topk,
         native_scoring=opts.scoring, use_cpu_initialization=True, attention_dropout=0.0, hidden_dropout=0.0,
         add_bias_linear=False, gated_linear_unit=True, activation_func=F.silu, ffn_hidden_size=4096,
-        normalization="RMSNorm", recall_sample_rows=0,
+        normalization="RMSNorm", recall_sample_rows=0, kernel_backend=opts.backend,
     )
     torch.manual_seed(0)
     layers = {v: build_module(nsmla_attention_spec(v), config=config, layer_number=1).to(device) for v in ("dense", "nsmla")}
     layers["nsmla"].load_state_dict(layers["dense"].state_dict())
     name = torch.cuda.get_device_name()
     records = []
-    print(f"{name} | torch {torch.__version__} | heads {opts.heads} | topk {opts.topk} | backend reference")
+    print(f"{name} | torch {torch.__version__} | heads {opts.heads} | topk {opts.topk} | backend {opts.backend}")
     print(f"{'seqlen':>7} {'dense ms':>9} {'sparse ms':>10} {'speedup':>8} {'dense GB':>9} {'sparse GB':>10}")
     for L in opts.seqlens:
         hidden = torch.randn(L, 1, 2048, device=device, requires_grad=True)
@@ -88,12 +89,12 @@ def main() -> None:
         records.append({
             "op": "sparse_layer_fwdbwd", "heads": opts.heads, "seqlen": L, "topk": opts.topk, "ms": s_ms,
             "baseline": "dense MLA layer (torch SDPA)", "baseline_ms": d_ms, "speedup": d_ms / s_ms,
-            "peak_mem_gb": s_gb, "baseline_peak_mem_gb": d_gb, "kernel_backend": "reference",
+            "peak_mem_gb": s_gb, "baseline_peak_mem_gb": d_gb, "kernel_backend": opts.backend,
             "scoring": opts.scoring, "device": name, "torch": torch.__version__, "triton": triton.__version__,
             "python": platform.python_version(),
         })
     distributed.shutdown()
-    write_results(records, "sparse_layer", name, opts.out_dir)
+    write_results(records, f"sparse_layer-{opts.backend}", name, opts.out_dir)
 
 
 if __name__ == "__main__":

@@ -35,7 +35,8 @@ class NSMLAConfig(MLATransformerConfig):
     softmax probabilities) (--nsmla-scoring)."""
 
     kernel_backend: str = "reference"
-    """Implementation of the sparse ops: `reference` (PyTorch) or `triton` (--nsmla-kernel-backend)."""
+    """Implementation of the sparse attention: `reference` (PyTorch) or `triton` (--nsmla-kernel-backend).
+    The native indexer has only the PyTorch implementation so far."""
 
     recall_sample_rows: int = 32
     """Query rows per sequence sampled to measure the indexer's recall when monitoring is on

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import time
 
 import torch
@@ -167,6 +168,8 @@ def setup(argv=None):
     rank, world, local_rank = distributed.world_from_env()
     validate_args(args, world)
     device = distributed.pick_device(args.device, local_rank)
+    if args.nsmla_kernel_backend == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ArgumentError("--nsmla-kernel-backend triton needs a CUDA GPU (or TRITON_INTERPRET=1 on the CPU, slow)")
     if device.type == "cpu":
         if args.bf16:
             raise ArgumentError("--bf16 needs a GPU (bf16 autocast on the CPU is slow and not tested)")
@@ -202,7 +205,8 @@ def pretrain(argv=None) -> dict:
         print(
             f"NSMLA: {n_params / 1e6:.2f}M parameters per TP rank | layers "
             f"{''.join('S' if m.variant == 'nsmla' else 'D' for m in model.modules() if isinstance(m, NSMLASelfAttention))}"
-            f" | topk {args.nsmla_topk} ({args.nsmla_scoring}) | seq {args.seq_length} | global batch "
+            f" | topk {args.nsmla_topk} ({args.nsmla_scoring}) | sparse attention: {args.nsmla_kernel_backend}, "
+            f"indexer: reference | seq {args.seq_length} | global batch "
             f"{args.global_batch_size} | device {device} | world {dist.get_world_size()} "
             f"(TP {args.tensor_model_parallel_size}) | start iter {start}",
             flush=True,

@@ -8,6 +8,11 @@ import warnings
 import pytest
 import torch
 
+# Triton kernels run on the CPU through Triton's interpreter. It must be chosen before any kernel
+# module is imported (triton.jit reads it at decoration time).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
 
 

@@ -6,8 +6,13 @@ from .reference import (
     sparse_mla_fwd_reference,
     sparse_mla_reference,
 )
+from .triton_impl import SparseMLATriton, sparse_mla_bwd_triton, sparse_mla_fwd_triton, sparse_mla_triton
 
 __all__ = [
+    "SparseMLATriton",
+    "sparse_mla_bwd_triton",
+    "sparse_mla_fwd_triton",
+    "sparse_mla_triton",
     "SparseMLAReference",
     "sparse_mla_bwd_reference",
     "sparse_mla_fwd_reference",

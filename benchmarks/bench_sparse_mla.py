@@ -1,0 +1,145 @@
+#!/usr/bin/env python
+"""Sparse MLA kernels (absorbed form, D = 512 + 64) against a plain PyTorch gather + bmm attention.
+
+    python benchmarks/bench_sparse_mla.py --heads 16 64 128 --seqlen 32768 --topk 2048 --tokens 4096
+    python benchmarks/bench_sparse_mla.py --sweep            # also time block-size configurations
+
+`tokens` query rows sit at the end of a `seqlen`-long context and each selects `topk` distinct
+causal keys at random. Times are medians of triton.testing.do_bench (CUDA events). FLOPs count
+the tensor-core work: forward 2*T*H*k*(D + D_V); backward 2*T*H*k*(3*D + 2*D_V) (S recomputed,
+dP, dQ, dK, dV). Baseline: gather the selected keys to [T, k, D], bmm, softmax, bmm (torch bf16),
+and its autograd backward. Writes benchmarks/results/sparse_mla-<device>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import platform
+import sys
+import warnings
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+sys.path.insert(0, HERE)
+
+from results_io import RESULTS_DIR, write_results  # noqa: E402
+
+D_V, D_ROPE = 512, 64
+
+
+def gather_bmm_attention(q, kv, idx, scale):
+    """The plain PyTorch baseline: [T, k, D] gathered keys, two batched GEMMs, masked softmax."""
+    valid = idx >= 0
+    keys = kv[idx.clamp(min=0).long()]  # [T, k, D]
+    s = (q @ keys.transpose(1, 2)).float() * scale  # [T, H, k]
+    s = s.masked_fill(~valid[:, None, :], float("-inf"))
+    p = s.softmax(-1).to(q.dtype)
+    return p @ keys[..., :D_V]
+
+
+def make_problem(T, L, H, k, device, gen):
+    import torch
+
+    q = torch.randn(T, H, D_V + D_ROPE, device=device, dtype=torch.bfloat16, generator=gen)
+    kv = torch.randn(L, D_V + D_ROPE, device=device, dtype=torch.bfloat16, generator=gen)
+    pos = torch.arange(L - T, L, device=device)
+    scores = torch.rand(T, L, device=device, generator=gen)
+    scores = scores.masked_fill(torch.arange(L, device=device)[None, :] > pos[:, None], -1.0)
+    idx = scores.topk(k, dim=-1).indices.int()  # distinct causal keys
+    return q, kv, idx
+
+
+def bench_heads(H, T, L, k, scale, sweep, dev, gen, common):
+    """Time the Triton kernels (best configuration) and the baseline at H heads; two records."""
+    import torch
+    import triton
+    from triton.testing import do_bench
+
+    from kernels.sparse_mla.triton_impl import default_config, sparse_mla_bwd_triton, sparse_mla_fwd_triton
+
+    records = []
+    q, kv, idx = make_problem(T, L, H, k, dev, gen)
+    fwd_flops = 2 * T * H * k * (D_V + D_ROPE + D_V)
+    bwd_flops = 2 * T * H * k * (3 * (D_V + D_ROPE) + 2 * D_V)
+    out, lse = sparse_mla_fwd_triton(q, kv, idx, scale, D_V)
+    dout = torch.randn_like(out)
+
+    fwd_cfgs, bwd_cfgs = [default_config(H, False)], [default_config(H, True)]
+    if sweep:
+        grid = list(itertools.product((16, 32, 64), (32, 64), (4, 8), (1, 2)))
+        fwd_cfgs += [c for c in grid if c[0] <= max(16, triton.next_power_of_2(H))]
+        bwd_cfgs += [c for c in grid if c[0] <= min(32, max(16, triton.next_power_of_2(H)))]
+
+    def best(fn, cfgs):
+        timed = []
+        for cfg in dict.fromkeys(cfgs):
+            try:
+                timed.append((do_bench(lambda: fn(cfg), warmup=25, rep=200, return_mode="median"), cfg))
+            except Exception as err:  # a configuration that does not fit (shared memory, registers)
+                print(f"   config {cfg} failed: {type(err).__name__}: {str(err)[:80]}")
+        return min(timed)
+
+    fwd_ms, fwd_cfg = best(lambda c: sparse_mla_fwd_triton(q, kv, idx, scale, D_V, c), fwd_cfgs)
+    bwd_ms, bwd_cfg = best(lambda c: sparse_mla_bwd_triton(q, kv, idx, scale, D_V, out, lse, dout, c), bwd_cfgs)
+
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    base_fwd = do_bench(lambda: gather_bmm_attention(q, kv, idx, scale), warmup=10, rep=200, return_mode="median")
+    qg, kvg = q.clone().requires_grad_(), kv.clone().requires_grad_()
+    base_out = gather_bmm_attention(qg, kvg, idx, scale)
+    base_bwd = do_bench(lambda: base_out.backward(dout, retain_graph=True), warmup=5, rep=200,
+                        grad_to_none=[qg, kvg], return_mode="median")
+    base_peak = torch.cuda.max_memory_allocated() / 2**30
+    qg = kvg = base_out = None  # free the baseline's graph before measuring the kernels
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    sparse_mla_fwd_triton(q, kv, idx, scale, D_V, fwd_cfg)
+    sparse_mla_bwd_triton(q, kv, idx, scale, D_V, out, lse, dout, bwd_cfg)
+    peak = torch.cuda.max_memory_allocated() / 2**30
+
+    for op, ms, flops, cfg, bms in (("sparse_mla_fwd", fwd_ms, fwd_flops, fwd_cfg, base_fwd),
+                                    ("sparse_mla_bwd", bwd_ms, bwd_flops, bwd_cfg, base_bwd)):
+        tflops = flops / ms / 1e9
+        print(f"{op:15} {H:4d} {str(cfg):>18} {ms:9.3f} {tflops:8.1f} {bms:12.3f} {bms / ms:8.2f}")
+        records.append(dict(common, op=op, heads=H, ms=ms, tflops=tflops, config=list(cfg),
+                            baseline="torch gather+bmm (bf16)", baseline_ms=bms, speedup=bms / ms,
+                            baseline_tflops=flops / bms / 1e9, peak_mem_gb=peak, baseline_peak_mem_gb=base_peak))
+    torch.cuda.empty_cache()
+    return records
+
+
+def main() -> None:
+    warnings.filterwarnings("ignore")
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--heads", type=int, nargs="+", default=[16, 64, 128])
+    p.add_argument("--seqlen", type=int, default=32768)
+    p.add_argument("--topk", type=int, default=2048)
+    p.add_argument("--tokens", type=int, default=4096)
+    p.add_argument("--sweep", action="store_true")
+    p.add_argument("--out-dir", default=RESULTS_DIR)
+    opts = p.parse_args()
+
+    import torch
+    import triton
+    if not torch.cuda.is_available():
+        sys.exit("bench_sparse_mla.py needs a CUDA GPU")
+    dev = torch.device("cuda")
+    name = torch.cuda.get_device_name()
+    gen = torch.Generator(device=dev).manual_seed(0)
+    T, L, k = opts.tokens, opts.seqlen, opts.topk
+    scale = (D_V + D_ROPE) ** -0.5
+    records = []
+    common = {"seqlen": L, "topk": k, "tokens": T, "device": name, "torch": torch.__version__,
+              "triton": triton.__version__, "python": platform.python_version()}
+    print(f"{name} | torch {torch.__version__} | triton {triton.__version__} | T {T} | L {L} | k {k}")
+    print(f"{'op':15} {'H':>4} {'config':>18} {'ms':>9} {'TFLOP/s':>8} {'baseline ms':>12} {'speedup':>8}")
+    for H in opts.heads:
+        records += bench_heads(H, T, L, k, scale, opts.sweep, dev, gen, common)
+        torch.cuda.empty_cache()
+    write_results(records, "sparse_mla", name, opts.out_dir)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,218 @@
+"""Triton sparse MLA (absorbed form): forward and backward kernels, launchers, autograd Function.
+
+Math as in README.md and reference.py. One program handles one query token and a block of
+BLOCK_H heads: since every head attends over the same selected latent keys, a key tile gathered
+once serves all heads of the block, and the tile's first D_V columns double as the values.
+
+The softmax runs in base 2 (exp2) with the scale folded into log2(e); lse is returned in natural
+log units, as the reference. Under TRITON_INTERPRET=1 (CPU, used by CI) bf16 tl.dot is not
+reliable, so operands are cast to fp32 first (DOT_FP32).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@triton.jit
+def _load_tile(KV, safe_idx, valid, col0, stride_kv, COLS: tl.constexpr):
+    """Gather kv[safe_idx, col0:col0+COLS] -> [BLOCK_K, COLS]; invalid rows read as 0."""
+    cols = col0 + tl.arange(0, COLS)
+    return tl.load(KV + safe_idx[:, None] * stride_kv + cols[None, :], mask=valid[:, None], other=0.0)
+
+
+@triton.jit
+def _dot(a, b, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr):
+    if DOT_FP32:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision=PRECISION)
+    return tl.dot(a, b, input_precision=PRECISION)
+
+
+@triton.jit
+def _sparse_mla_fwd_kernel(
+    Q, KV, IDX, OUT, LSE,
+    scale_log2, H, TOPK,
+    stride_qt, stride_qh, stride_kv, stride_it, stride_ot, stride_oh, stride_lt,
+    D_V: tl.constexpr, D_ROPE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+    DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
+):
+    t = tl.program_id(0)
+    heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    h_ok = heads < H
+    q_row = Q + t * stride_qt + heads[:, None] * stride_qh
+    q_nope = tl.load(q_row + tl.arange(0, D_V)[None, :], mask=h_ok[:, None], other=0.0)
+    q_pe = tl.load(q_row + D_V + tl.arange(0, D_ROPE)[None, :], mask=h_ok[:, None], other=0.0)
+
+    m = tl.full([BLOCK_H], float("-inf"), tl.float32)
+    l = tl.zeros([BLOCK_H], tl.float32)
+    acc = tl.zeros([BLOCK_H, D_V], tl.float32)
+    for start in range(0, TOPK, BLOCK_K):
+        slots = start + tl.arange(0, BLOCK_K)
+        idx = tl.load(IDX + t * stride_it + slots, mask=slots < TOPK, other=-1)
+        valid = idx >= 0
+        safe = tl.where(valid, idx, 0)
+        k_nope = _load_tile(KV, safe, valid, 0, stride_kv, D_V)  # [BLOCK_K, D_V], also the values
+        k_pe = _load_tile(KV, safe, valid, D_V, stride_kv, D_ROPE)
+        s = _dot(q_nope, tl.trans(k_nope), DOT_FP32, PRECISION) + _dot(q_pe, tl.trans(k_pe), DOT_FP32, PRECISION)
+        s = tl.where(valid[None, :], s * scale_log2, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, 1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no valid key so far
+        alpha = tl.exp2(m - m_use)
+        p = tl.exp2(s - m_use[:, None])
+        l = l * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + _dot(p.to(k_nope.dtype), k_nope, DOT_FP32, PRECISION)
+        m = m_new
+    has_key = l > 0
+    out = acc / tl.where(has_key, l, 1.0)[:, None]
+    lse = tl.where(has_key, (m + tl.log2(tl.where(has_key, l, 1.0))) / 1.4426950408889634, float("-inf"))
+    o_ptr = OUT + t * stride_ot + heads[:, None] * stride_oh + tl.arange(0, D_V)[None, :]
+    tl.store(o_ptr, out.to(OUT.dtype.element_ty), mask=h_ok[:, None])
+    tl.store(LSE + t * stride_lt + heads, lse, mask=h_ok)
+
+
+@triton.jit
+def _sparse_mla_bwd_kernel(
+    Q, KV, IDX, DO, LSE, DELTA, DQ, DKV,
+    scale, scale_log2, H, TOPK,
+    stride_qt, stride_qh, stride_kv, stride_it, stride_dot, stride_doh, stride_lt, stride_dkv,
+    D_V: tl.constexpr, D_ROPE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+    DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """dq for this token's heads; dkv rows of the selected keys accumulated with fp32 atomics."""
+    t = tl.program_id(0)
+    heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    h_ok = heads < H
+    q_row = Q + t * stride_qt + heads[:, None] * stride_qh
+    q_nope = tl.load(q_row + tl.arange(0, D_V)[None, :], mask=h_ok[:, None], other=0.0)
+    q_pe = tl.load(q_row + D_V + tl.arange(0, D_ROPE)[None, :], mask=h_ok[:, None], other=0.0)
+    do = tl.load(DO + t * stride_dot + heads[:, None] * stride_doh + tl.arange(0, D_V)[None, :],
+                 mask=h_ok[:, None], other=0.0)
+    lse = tl.load(LSE + t * stride_lt + heads, mask=h_ok, other=float("inf"))
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)  # no key: p = 0
+    delta = tl.load(DELTA + t * stride_lt + heads, mask=h_ok, other=0.0)
+
+    dq_nope = tl.zeros([BLOCK_H, D_V], tl.float32)
+    dq_pe = tl.zeros([BLOCK_H, D_ROPE], tl.float32)
+    for start in range(0, TOPK, BLOCK_K):
+        slots = start + tl.arange(0, BLOCK_K)
+        idx = tl.load(IDX + t * stride_it + slots, mask=slots < TOPK, other=-1)
+        valid = idx >= 0
+        safe = tl.where(valid, idx, 0)
+        k_nope = _load_tile(KV, safe, valid, 0, stride_kv, D_V)
+        k_pe = _load_tile(KV, safe, valid, D_V, stride_kv, D_ROPE)
+        s = _dot(q_nope, tl.trans(k_nope), DOT_FP32, PRECISION) + _dot(q_pe, tl.trans(k_pe), DOT_FP32, PRECISION)
+        p = tl.exp2(s * scale_log2 - lse2[:, None])
+        p = tl.where(valid[None, :] & h_ok[:, None], p, 0.0)
+        dp = _dot(do, tl.trans(k_nope), DOT_FP32, PRECISION)
+        ds = p * (dp - delta[:, None]) * scale  # gradient of the unscaled logits q.k
+        ds_lo = ds.to(k_nope.dtype)
+        dq_nope += _dot(ds_lo, k_nope, DOT_FP32, PRECISION)
+        dq_pe += _dot(ds_lo, k_pe, DOT_FP32, PRECISION)
+        dk_nope = _dot(tl.trans(ds_lo), q_nope, DOT_FP32, PRECISION) + _dot(
+            tl.trans(p.to(do.dtype)), do, DOT_FP32, PRECISION
+        )
+        dk_pe = _dot(tl.trans(ds_lo), q_pe, DOT_FP32, PRECISION)
+        rows = DKV + safe[:, None] * stride_dkv
+        tl.atomic_add(rows + tl.arange(0, D_V)[None, :], dk_nope, mask=valid[:, None])
+        tl.atomic_add(rows + D_V + tl.arange(0, D_ROPE)[None, :], dk_pe, mask=valid[:, None])
+    dq_row = DQ + t * stride_qt + heads[:, None] * stride_qh
+    tl.store(dq_row + tl.arange(0, D_V)[None, :], dq_nope.to(DQ.dtype.element_ty), mask=h_ok[:, None])
+    tl.store(dq_row + D_V + tl.arange(0, D_ROPE)[None, :], dq_pe.to(DQ.dtype.element_ty), mask=h_ok[:, None])
+
+
+def check_triton_inputs(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, d_v: int) -> None:
+    """Shape/dtype/device checks with messages that say what would be valid."""
+    from .reference import _check_inputs
+
+    _check_inputs(q, kv, indices, d_v)
+    if not (q.is_cuda or _interpreting()):
+        raise ValueError("sparse_mla (triton): tensors must be on a CUDA device (or set TRITON_INTERPRET=1)")
+    if q.dtype not in (torch.bfloat16, torch.float16, torch.float32) or kv.dtype != q.dtype:
+        raise ValueError(f"sparse_mla (triton): q and kv must share a dtype among bf16/fp16/fp32, got {q.dtype}, {kv.dtype}")
+    d_rope = q.shape[-1] - d_v
+    for name, n in (("d_v", d_v), ("D - d_v", d_rope)):
+        if n < 16 or n & (n - 1):
+            raise ValueError(f"sparse_mla (triton): {name} must be a power of two >= 16, got {n} (DeepSeek: 512 and 64)")
+
+
+def default_config(heads: int, backward: bool) -> tuple[int, int, int, int]:
+    """(BLOCK_H, BLOCK_K, num_warps, num_stages). Heads per program are capped by the register
+    pressure of the [BLOCK_H, D_V] fp32 accumulator (in the backward: dq plus dO as well)."""
+    block_h = min(max(16, triton.next_power_of_2(heads)), 32 if backward else 64)
+    return block_h, 32, 8, 1
+
+
+def sparse_mla_fwd_triton(q, kv, indices, scale: float, d_v: int, config=None):
+    """q [T, H, D], kv [L, D], indices [T, k] int32 -> out [T, H, d_v] (q.dtype), lse [T, H] fp32.
+    `config` overrides default_config (benchmark sweeps)."""
+    check_triton_inputs(q, kv, indices, d_v)
+    q, kv, indices = q.contiguous(), kv.contiguous(), indices.contiguous().to(torch.int32)
+    T, H, D = q.shape
+    out = torch.empty(T, H, d_v, dtype=q.dtype, device=q.device)
+    lse = torch.empty(T, H, dtype=torch.float32, device=q.device)
+    block_h, block_k, warps, stages = config or default_config(H, backward=False)
+    grid = (T, triton.cdiv(H, block_h))
+    _sparse_mla_fwd_kernel[grid](
+        q, kv, indices, out, lse, scale * LOG2E, H, indices.shape[1],
+        q.stride(0), q.stride(1), kv.stride(0), indices.stride(0), out.stride(0), out.stride(1), lse.stride(0),
+        D_V=d_v, D_ROPE=D - d_v, BLOCK_H=block_h, BLOCK_K=block_k,
+        DOT_FP32=_interpreting(), PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        num_warps=warps, num_stages=stages,
+    )
+    return out, lse
+
+
+def sparse_mla_bwd_triton(q, kv, indices, scale: float, d_v: int, out, lse, dout, config=None):
+    """Returns dq [T, H, D] (q.dtype) and dkv [L, D] (kv.dtype; accumulated in fp32 with atomics,
+    so the summation order, and the last bits, may vary between runs)."""
+    q, kv, indices = q.contiguous(), kv.contiguous(), indices.contiguous().to(torch.int32)
+    dout = dout.contiguous()
+    T, H, D = q.shape
+    delta = (dout.float() * out.float()).sum(-1)  # [T, H]
+    dq = torch.empty_like(q)
+    dkv = torch.zeros(kv.shape, dtype=torch.float32, device=kv.device)
+    block_h, block_k, warps, stages = config or default_config(H, backward=True)
+    grid = (T, triton.cdiv(H, block_h))
+    _sparse_mla_bwd_kernel[grid](
+        q, kv, indices, dout, lse.contiguous(), delta, dq, dkv, scale, scale * LOG2E, H, indices.shape[1],
+        q.stride(0), q.stride(1), kv.stride(0), indices.stride(0), dout.stride(0), dout.stride(1), lse.stride(0),
+        dkv.stride(0),
+        D_V=d_v, D_ROPE=D - d_v, BLOCK_H=block_h, BLOCK_K=block_k,
+        DOT_FP32=_interpreting(), PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        num_warps=warps, num_stages=stages,
+    )
+    return dq, dkv.to(kv.dtype)
+
+
+class SparseMLATriton(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, kv, indices, scale, d_v):
+        out, lse = sparse_mla_fwd_triton(q, kv, indices, scale, d_v)
+        ctx.save_for_backward(q, kv, indices, out, lse)
+        ctx.scale, ctx.d_v = scale, d_v
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, _dlse):
+        q, kv, indices, out, lse = ctx.saved_tensors
+        dq, dkv = sparse_mla_bwd_triton(q, kv, indices, ctx.scale, ctx.d_v, out, lse, dout)
+        return dq, dkv, None, None, None
+
+
+def sparse_mla_triton(q, kv, indices, scale: float | None = None, d_v: int = 512):
+    """Differentiable Triton sparse MLA, same contract as sparse_mla_reference."""
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    return SparseMLATriton.apply(q, kv, indices, float(scale), int(d_v))
