@@ -2,7 +2,7 @@
 """Sparse MLA kernels (absorbed form, D = 512 + 64) against a plain PyTorch gather + bmm attention.
 
     python benchmarks/bench_sparse_mla.py --heads 16 64 128 --seqlen 32768 --topk 2048 --tokens 4096
-    python benchmarks/bench_sparse_mla.py --sweep            # also time block-size configurations
+    python benchmarks/bench_sparse_mla.py --sweep 128 16     # also time block-size configurations
 
 `tokens` query rows sit at the end of a `seqlen`-long context and each selects `topk` distinct
 causal keys at random. Times are medians of triton.testing.do_bench (CUDA events). FLOPs count
@@ -66,11 +66,13 @@ def bench_heads(H, T, L, k, scale, sweep, dev, gen, common):
     out, lse = sparse_mla_fwd_triton(q, kv, idx, scale, D_V)
     dout = torch.randn_like(out)
 
-    fwd_cfgs, bwd_cfgs = [default_config(H, False)], [default_config(H, True)]
-    if sweep:
-        grid = list(itertools.product((16, 32, 64), (32, 64), (4, 8), (1, 2)))
-        fwd_cfgs += [c for c in grid if c[0] <= max(16, triton.next_power_of_2(H))]
-        bwd_cfgs += [c for c in grid if c[0] <= min(32, max(16, triton.next_power_of_2(H)))]
+    fwd_cfgs = [default_config(H, False)]
+    dq_default, dkv_default = default_config(H, True)
+    top_h = max(16, triton.next_power_of_2(H))
+    grid = [c for c in itertools.product((16, 32, 64), (32, 64), (4, 8), (1, 2)) if c[0] <= top_h] if sweep else []
+    # A whole 128-head block per program halves the key gathers; its accumulator needs 16 warps.
+    fwd_cfgs += grid + ([(128, bk, 16, st) for bk in (32, 64) for st in (1, 2)] if sweep and H >= 128 else [])
+    bwd_grid = [c for c in grid if c[0] <= 32]
 
     def best(fn, cfgs):
         timed = []
@@ -81,8 +83,13 @@ def bench_heads(H, T, L, k, scale, sweep, dev, gen, common):
                 print(f"   config {cfg} failed: {type(err).__name__}: {str(err)[:80]}")
         return min(timed)
 
+    def bwd(cfg):
+        return sparse_mla_bwd_triton(q, kv, idx, scale, D_V, out, lse, dout, cfg)
+
     fwd_ms, fwd_cfg = best(lambda c: sparse_mla_fwd_triton(q, kv, idx, scale, D_V, c), fwd_cfgs)
-    bwd_ms, bwd_cfg = best(lambda c: sparse_mla_bwd_triton(q, kv, idx, scale, D_V, out, lse, dout, c), bwd_cfgs)
+    # The two backward kernels are tuned one after the other (dq first, holding dkv at its default).
+    _, (dq_cfg, _) = best(bwd, [(dq_default, dkv_default)] + [(c, dkv_default) for c in bwd_grid])
+    bwd_ms, bwd_cfg = best(bwd, [(dq_cfg, dkv_default)] + [(dq_cfg, c) for c in bwd_grid])
 
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
@@ -117,7 +124,8 @@ def main() -> None:
     p.add_argument("--seqlen", type=int, default=32768)
     p.add_argument("--topk", type=int, default=2048)
     p.add_argument("--tokens", type=int, default=4096)
-    p.add_argument("--sweep", action="store_true")
+    p.add_argument("--sweep", type=int, nargs="*", default=[], metavar="H",
+                   help="head counts at which to time block-size configurations too")
     p.add_argument("--out-dir", default=RESULTS_DIR)
     opts = p.parse_args()
 
@@ -136,7 +144,7 @@ def main() -> None:
     print(f"{name} | torch {torch.__version__} | triton {triton.__version__} | T {T} | L {L} | k {k}")
     print(f"{'op':15} {'H':>4} {'config':>18} {'ms':>9} {'TFLOP/s':>8} {'baseline ms':>12} {'speedup':>8}")
     for H in opts.heads:
-        records += bench_heads(H, T, L, k, scale, opts.sweep, dev, gen, common)
+        records += bench_heads(H, T, L, k, scale, H in opts.sweep, dev, gen, common)
         torch.cuda.empty_cache()
     write_results(records, "sparse_mla", name, opts.out_dir)
 

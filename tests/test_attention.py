@@ -146,11 +146,12 @@ def test_triton_backend_matches_reference_backend(single_process):
     """Same weights, same input: the Triton sparse attention reproduces the reference layer, gradients too.
     (Interpreter on CPU, so power-of-two latent dims: kv_lora 32, rope 16.)"""
     seed = fresh_seed()
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: Triton's interpreter
     outs = {}
     for backend in ("reference", "triton"):
         config = tiny_config(kv_lora_rank=32, qk_pos_emb_head_dim=16, index_topk=6, kernel_backend=backend)
-        module = make_attention(config, "nsmla", seed)
-        hidden = torch.randn(13, 2, 64, generator=torch.Generator().manual_seed(seed)).requires_grad_()
+        module = make_attention(config, "nsmla", seed).to(device)
+        hidden = torch.randn(13, 2, 64, generator=torch.Generator().manual_seed(seed)).to(device).requires_grad_()
         out, _ = module(hidden)
         out.square().sum().backward()
         outs[backend] = (module.state_dict(), out.detach(), hidden.grad, {n: p.grad for n, p in module.named_parameters()})

@@ -82,26 +82,45 @@ def _sparse_mla_fwd_kernel(
 
 
 @triton.jit
-def _sparse_mla_bwd_kernel(
-    Q, KV, IDX, DO, LSE, DELTA, DQ, DKV,
-    scale, scale_log2, H, TOPK,
-    stride_qt, stride_qh, stride_kv, stride_it, stride_dot, stride_doh, stride_lt, stride_dkv,
-    D_V: tl.constexpr, D_ROPE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
-    DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
-):
-    """dq for this token's heads; dkv rows of the selected keys accumulated with fp32 atomics."""
-    t = tl.program_id(0)
-    heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
-    h_ok = heads < H
+def _load_head_rows(Q, DO, LSE, DELTA, t, heads, h_ok, stride_qt, stride_qh, stride_dot, stride_doh, stride_lt,
+                    D_V: tl.constexpr, D_ROPE: tl.constexpr):
+    """One token's q (nope, rope), dO, lse (base 2; +inf where the row had no key) and delta for `heads`."""
     q_row = Q + t * stride_qt + heads[:, None] * stride_qh
     q_nope = tl.load(q_row + tl.arange(0, D_V)[None, :], mask=h_ok[:, None], other=0.0)
     q_pe = tl.load(q_row + D_V + tl.arange(0, D_ROPE)[None, :], mask=h_ok[:, None], other=0.0)
     do = tl.load(DO + t * stride_dot + heads[:, None] * stride_doh + tl.arange(0, D_V)[None, :],
                  mask=h_ok[:, None], other=0.0)
     lse = tl.load(LSE + t * stride_lt + heads, mask=h_ok, other=float("inf"))
-    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)  # no key: p = 0
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
     delta = tl.load(DELTA + t * stride_lt + heads, mask=h_ok, other=0.0)
+    return q_nope, q_pe, do, lse2, delta
 
+
+@triton.jit
+def _probs_and_dscores(q_nope, q_pe, do, lse2, delta, k_nope, k_pe, valid, h_ok, scale, scale_log2,
+                       DOT_FP32: tl.constexpr, PRECISION: tl.constexpr):
+    """P [BLOCK_H, BLOCK_K] recomputed from lse, and dS, the gradient of the unscaled logits q.k."""
+    s = _dot(q_nope, tl.trans(k_nope), DOT_FP32, PRECISION) + _dot(q_pe, tl.trans(k_pe), DOT_FP32, PRECISION)
+    p = tl.exp2(s * scale_log2 - lse2[:, None])
+    p = tl.where(valid[None, :] & h_ok[:, None], p, 0.0)
+    dp = _dot(do, tl.trans(k_nope), DOT_FP32, PRECISION)
+    return p, p * (dp - delta[:, None]) * scale
+
+
+@triton.jit
+def _sparse_mla_bwd_dq_kernel(
+    Q, KV, IDX, DO, LSE, DELTA, DQ,
+    scale, scale_log2, H, TOPK,
+    stride_qt, stride_qh, stride_kv, stride_it, stride_dot, stride_doh, stride_lt,
+    D_V: tl.constexpr, D_ROPE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+    DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """dq for one token and BLOCK_H heads: a loop over its key blocks, no atomics."""
+    t = tl.program_id(0)
+    heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    h_ok = heads < H
+    q_nope, q_pe, do, lse2, delta = _load_head_rows(Q, DO, LSE, DELTA, t, heads, h_ok, stride_qt, stride_qh,
+                                                    stride_dot, stride_doh, stride_lt, D_V, D_ROPE)
     dq_nope = tl.zeros([BLOCK_H, D_V], tl.float32)
     dq_pe = tl.zeros([BLOCK_H, D_ROPE], tl.float32)
     for start in range(0, TOPK, BLOCK_K):
@@ -111,24 +130,49 @@ def _sparse_mla_bwd_kernel(
         safe = tl.where(valid, idx, 0)
         k_nope = _load_tile(KV, safe, valid, 0, stride_kv, D_V)
         k_pe = _load_tile(KV, safe, valid, D_V, stride_kv, D_ROPE)
-        s = _dot(q_nope, tl.trans(k_nope), DOT_FP32, PRECISION) + _dot(q_pe, tl.trans(k_pe), DOT_FP32, PRECISION)
-        p = tl.exp2(s * scale_log2 - lse2[:, None])
-        p = tl.where(valid[None, :] & h_ok[:, None], p, 0.0)
-        dp = _dot(do, tl.trans(k_nope), DOT_FP32, PRECISION)
-        ds = p * (dp - delta[:, None]) * scale  # gradient of the unscaled logits q.k
+        _, ds = _probs_and_dscores(q_nope, q_pe, do, lse2, delta, k_nope, k_pe, valid, h_ok, scale, scale_log2,
+                                   DOT_FP32, PRECISION)
         ds_lo = ds.to(k_nope.dtype)
         dq_nope += _dot(ds_lo, k_nope, DOT_FP32, PRECISION)
         dq_pe += _dot(ds_lo, k_pe, DOT_FP32, PRECISION)
-        dk_nope = _dot(tl.trans(ds_lo), q_nope, DOT_FP32, PRECISION) + _dot(
-            tl.trans(p.to(do.dtype)), do, DOT_FP32, PRECISION
-        )
-        dk_pe = _dot(tl.trans(ds_lo), q_pe, DOT_FP32, PRECISION)
-        rows = DKV + safe[:, None] * stride_dkv
-        tl.atomic_add(rows + tl.arange(0, D_V)[None, :], dk_nope, mask=valid[:, None])
-        tl.atomic_add(rows + D_V + tl.arange(0, D_ROPE)[None, :], dk_pe, mask=valid[:, None])
     dq_row = DQ + t * stride_qt + heads[:, None] * stride_qh
     tl.store(dq_row + tl.arange(0, D_V)[None, :], dq_nope.to(DQ.dtype.element_ty), mask=h_ok[:, None])
     tl.store(dq_row + D_V + tl.arange(0, D_ROPE)[None, :], dq_pe.to(DQ.dtype.element_ty), mask=h_ok[:, None])
+
+
+@triton.jit
+def _sparse_mla_bwd_dkv_kernel(
+    Q, KV, IDX, DO, LSE, DELTA, DKV,
+    scale, scale_log2, H, TOPK,
+    stride_qt, stride_qh, stride_kv, stride_it, stride_dot, stride_doh, stride_lt, stride_dkv,
+    D_V: tl.constexpr, D_ROPE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+    DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """dK/dV of one token's key block, summed over all heads in registers, then one fp32 atomic
+    add per (token, key, column) into dkv: H/BLOCK_H times fewer atomics than per head block."""
+    t = tl.program_id(0)
+    slots = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    idx = tl.load(IDX + t * stride_it + slots, mask=slots < TOPK, other=-1)
+    valid = idx >= 0
+    safe = tl.where(valid, idx, 0)
+    k_nope = _load_tile(KV, safe, valid, 0, stride_kv, D_V)
+    k_pe = _load_tile(KV, safe, valid, D_V, stride_kv, D_ROPE)
+    dk_nope = tl.zeros([BLOCK_K, D_V], tl.float32)
+    dk_pe = tl.zeros([BLOCK_K, D_ROPE], tl.float32)
+    for h0 in range(0, H, BLOCK_H):
+        heads = h0 + tl.arange(0, BLOCK_H)
+        h_ok = heads < H
+        q_nope, q_pe, do, lse2, delta = _load_head_rows(Q, DO, LSE, DELTA, t, heads, h_ok, stride_qt, stride_qh,
+                                                        stride_dot, stride_doh, stride_lt, D_V, D_ROPE)
+        p, ds = _probs_and_dscores(q_nope, q_pe, do, lse2, delta, k_nope, k_pe, valid, h_ok, scale, scale_log2,
+                                   DOT_FP32, PRECISION)
+        ds_t = tl.trans(ds.to(q_nope.dtype))
+        dk_nope += _dot(ds_t, q_nope, DOT_FP32, PRECISION) + _dot(tl.trans(p.to(do.dtype)), do, DOT_FP32, PRECISION)
+        dk_pe += _dot(ds_t, q_pe, DOT_FP32, PRECISION)
+    rows = DKV + safe[:, None] * stride_dkv
+    # Relaxed ordering: the adds only need to be atomic, not ordered with other memory traffic.
+    tl.atomic_add(rows + tl.arange(0, D_V)[None, :], dk_nope, mask=valid[:, None], sem="relaxed")
+    tl.atomic_add(rows + D_V + tl.arange(0, D_ROPE)[None, :], dk_pe, mask=valid[:, None], sem="relaxed")
 
 
 def check_triton_inputs(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, d_v: int) -> None:
@@ -146,11 +190,13 @@ def check_triton_inputs(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor
             raise ValueError(f"sparse_mla (triton): {name} must be a power of two >= 16, got {n} (DeepSeek: 512 and 64)")
 
 
-def default_config(heads: int, backward: bool) -> tuple[int, int, int, int]:
-    """(BLOCK_H, BLOCK_K, num_warps, num_stages). Heads per program are capped by the register
-    pressure of the [BLOCK_H, D_V] fp32 accumulator (in the backward: dq plus dO as well)."""
-    block_h = min(max(16, triton.next_power_of_2(heads)), 32 if backward else 64)
-    return block_h, 32, 8, 1
+def default_config(heads: int, backward: bool):
+    """Forward: (BLOCK_H, BLOCK_K, num_warps, num_stages). Backward: that tuple for the dq kernel and
+    one for the dkv kernel. Measured best on an H100 (benchmarks/bench_sparse_mla.py --sweep)."""
+    block_h = min(max(16, triton.next_power_of_2(heads)), 64)
+    if not backward:
+        return (block_h, 64, 8, 2) if block_h > 16 else (16, 64, 4, 2)
+    return (min(block_h, 32), 32, 8, 2), (min(block_h, 32), 32, 8, 1)
 
 
 def sparse_mla_fwd_triton(q, kv, indices, scale: float, d_v: int, config=None):
@@ -175,22 +221,30 @@ def sparse_mla_fwd_triton(q, kv, indices, scale: float, d_v: int, config=None):
 
 def sparse_mla_bwd_triton(q, kv, indices, scale: float, d_v: int, out, lse, dout, config=None):
     """Returns dq [T, H, D] (q.dtype) and dkv [L, D] (kv.dtype; accumulated in fp32 with atomics,
-    so the summation order, and the last bits, may vary between runs)."""
+    so the summation order, and the last bits, may vary between runs). `config` is
+    ((BLOCK_H, BLOCK_K, warps, stages) for dq, the same for dkv)."""
     q, kv, indices = q.contiguous(), kv.contiguous(), indices.contiguous().to(torch.int32)
     dout = dout.contiguous()
     T, H, D = q.shape
+    topk = indices.shape[1]
     delta = (dout.float() * out.float()).sum(-1)  # [T, H]
     dq = torch.empty_like(q)
     dkv = torch.zeros(kv.shape, dtype=torch.float32, device=kv.device)
-    block_h, block_k, warps, stages = config or default_config(H, backward=True)
-    grid = (T, triton.cdiv(H, block_h))
-    _sparse_mla_bwd_kernel[grid](
-        q, kv, indices, dout, lse.contiguous(), delta, dq, dkv, scale, scale * LOG2E, H, indices.shape[1],
-        q.stride(0), q.stride(1), kv.stride(0), indices.stride(0), dout.stride(0), dout.stride(1), lse.stride(0),
-        dkv.stride(0),
-        D_V=d_v, D_ROPE=D - d_v, BLOCK_H=block_h, BLOCK_K=block_k,
-        DOT_FP32=_interpreting(), PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        num_warps=warps, num_stages=stages,
+    dq_cfg, dkv_cfg = config or default_config(H, backward=True)
+    common = dict(D_V=d_v, D_ROPE=D - d_v, DOT_FP32=_interpreting(),
+                  PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
+    lse = lse.contiguous()
+    args = (scale, scale * LOG2E, H, topk, q.stride(0), q.stride(1), kv.stride(0), indices.stride(0),
+            dout.stride(0), dout.stride(1), lse.stride(0))
+    block_h, block_k, warps, stages = dq_cfg
+    _sparse_mla_bwd_dq_kernel[(T, triton.cdiv(H, block_h))](
+        q, kv, indices, dout, lse, delta, dq, *args,
+        BLOCK_H=block_h, BLOCK_K=block_k, num_warps=warps, num_stages=stages, **common,
+    )
+    block_h, block_k, warps, stages = dkv_cfg
+    _sparse_mla_bwd_dkv_kernel[(T, triton.cdiv(topk, block_k))](
+        q, kv, indices, dout, lse, delta, dkv, *args, dkv.stride(0),
+        BLOCK_H=block_h, BLOCK_K=block_k, num_warps=warps, num_stages=stages, **common,
     )
     return dq, dkv.to(kv.dtype)
 
