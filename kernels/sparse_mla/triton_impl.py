@@ -190,13 +190,17 @@ def check_triton_inputs(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor
             raise ValueError(f"sparse_mla (triton): {name} must be a power of two >= 16, got {n} (DeepSeek: 512 and 64)")
 
 
-def default_config(heads: int, backward: bool):
+def default_config(heads: int, backward: bool, elem_bytes: int = 2):
     """Forward: (BLOCK_H, BLOCK_K, num_warps, num_stages). Backward: that tuple for the dq kernel and
-    one for the dkv kernel. Measured best on an H100 (benchmarks/bench_sparse_mla.py --sweep)."""
+    one for the dkv kernel. 16-bit inputs: the best of `benchmarks/bench_sparse_mla.py --sweep 128 16`
+    on an H100 (kernels/sparse_mla/NOTES.md). fp32 tiles are twice as large, so fp32 takes 32-key
+    tiles and one stage to fit the 227 KB of shared memory a block may use."""
     block_h = min(max(16, triton.next_power_of_2(heads)), 64)
+    if elem_bytes > 2:
+        return (block_h, 32, 8, 1) if not backward else ((min(block_h, 32), 32, 8, 1),) * 2
     if not backward:
         return (block_h, 64, 8, 2) if block_h > 16 else (16, 64, 4, 2)
-    return (min(block_h, 32), 32, 8, 2), (min(block_h, 32), 32, 8, 1)
+    return (16, 64, 4, 2), (16, 32, 4, 2)
 
 
 def sparse_mla_fwd_triton(q, kv, indices, scale: float, d_v: int, config=None):
@@ -207,7 +211,7 @@ def sparse_mla_fwd_triton(q, kv, indices, scale: float, d_v: int, config=None):
     T, H, D = q.shape
     out = torch.empty(T, H, d_v, dtype=q.dtype, device=q.device)
     lse = torch.empty(T, H, dtype=torch.float32, device=q.device)
-    block_h, block_k, warps, stages = config or default_config(H, backward=False)
+    block_h, block_k, warps, stages = config or default_config(H, False, q.element_size())
     grid = (T, triton.cdiv(H, block_h))
     _sparse_mla_fwd_kernel[grid](
         q, kv, indices, out, lse, scale * LOG2E, H, indices.shape[1],
@@ -230,7 +234,7 @@ def sparse_mla_bwd_triton(q, kv, indices, scale: float, d_v: int, out, lse, dout
     delta = (dout.float() * out.float()).sum(-1)  # [T, H]
     dq = torch.empty_like(q)
     dkv = torch.zeros(kv.shape, dtype=torch.float32, device=kv.device)
-    dq_cfg, dkv_cfg = config or default_config(H, backward=True)
+    dq_cfg, dkv_cfg = config or default_config(H, True, q.element_size())
     common = dict(D_V=d_v, D_ROPE=D - d_v, DOT_FP32=_interpreting(),
                   PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
     lse = lse.contiguous()
