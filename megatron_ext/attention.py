@@ -22,7 +22,7 @@ from megatron.core import parallel_state
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 
-from kernels.sparse_mla import sparse_mla_reference, sparse_mla_triton
+from kernels.sparse_mla import sparse_mla
 
 from .layers import sum_gradient_over_tp
 from .rope import MLARotary, apply_mla_rope, softmax_scale
@@ -175,8 +175,7 @@ class NSMLASelfAttention(MegatronModule):
 
     def absorbed_core(self, q_abs, kv_abs, indices, S: int, B: int) -> torch.Tensor:
         """Attention of q_abs over the kv_abs rows named by indices [B*S, k]. Returns [S, B, H*dv]."""
-        op = sparse_mla_triton if self.config.kernel_backend == "triton" else sparse_mla_reference
-        out_lat, _lse = op(q_abs, kv_abs, indices, self.softmax_scale, self.kv_rank)
+        out_lat, _lse = sparse_mla(q_abs, kv_abs, indices, self.softmax_scale, self.kv_rank, self.config.kernel_backend)
         _, w_uv = self._kv_up_weights()
         out = torch.einsum("thc,hvc->thv", out_lat, w_uv.to(out_lat.dtype))
         return out.reshape(B, S, self.heads * self.v_dim).transpose(0, 1)

@@ -8,8 +8,7 @@ rounds P and dS to bf16 before the value/gradient products, as flash attention d
 import pytest
 import torch
 
-from kernels.sparse_mla import sparse_mla_reference
-from kernels.sparse_mla.triton_impl import sparse_mla_triton
+from kernels.sparse_mla import sparse_mla_reference, sparse_mla_triton
 from tests.conftest import assert_close, fresh_seed
 
 GPU = torch.cuda.is_available()

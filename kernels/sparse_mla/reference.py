@@ -6,8 +6,6 @@ keys ``[chunk, k, D]`` and scores ``[chunk, H, k]`` are the only large temporari
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 # Elements of the largest per-chunk temporary; bounds peak memory independently of T.
@@ -104,33 +102,3 @@ def sparse_mla_bwd_reference(
         keep = flat_idx >= 0
         dkv.index_add_(0, flat_idx[keep], dkeys.reshape(-1, D)[keep])
     return dq, dkv.to(kv.dtype)
-
-
-class SparseMLAReference(torch.autograd.Function):
-    """Autograd wrapper: saves q, kv, indices, out, lse and recomputes gathers in the backward."""
-
-    @staticmethod
-    def forward(ctx, q, kv, indices, scale, d_v):
-        out, lse = sparse_mla_fwd_reference(q, kv, indices, scale, d_v)
-        ctx.save_for_backward(q, kv, indices, out, lse)
-        ctx.scale, ctx.d_v = scale, d_v
-        ctx.mark_non_differentiable(lse)
-        return out, lse
-
-    @staticmethod
-    def backward(ctx, dout, _dlse):
-        q, kv, indices, out, lse = ctx.saved_tensors
-        dq, dkv = sparse_mla_bwd_reference(q, kv, indices, ctx.scale, ctx.d_v, out, lse, dout)
-        return dq, dkv, None, None, None
-
-
-def sparse_mla_reference(
-    q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, scale: float | None = None, d_v: int = 512
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Differentiable sparse MLA. q [T, H, D], kv [L, D], indices [T, k] (-1 = none).
-
-    Returns out [T, H, d_v] and lse [T, H] (fp32, not differentiable). ``scale`` defaults to 1/sqrt(D).
-    """
-    if scale is None:
-        scale = 1.0 / math.sqrt(q.shape[-1])
-    return SparseMLAReference.apply(q, kv, indices, float(scale), int(d_v))

@@ -1,4 +1,4 @@
-"""Triton sparse MLA (absorbed form): forward and backward kernels, launchers, autograd Function.
+"""Triton sparse MLA (absorbed form): forward and backward kernels and their launchers.
 
 Math as in README.md and reference.py. One program handles one query token and a block of
 BLOCK_H heads: since every head attends over the same selected latent keys, a key tile gathered
@@ -11,7 +11,6 @@ reliable, so operands are cast to fp32 first (DOT_FP32).
 
 from __future__ import annotations
 
-import math
 import os
 
 import torch
@@ -33,6 +32,24 @@ def _load_tile(KV, safe_idx, valid, col0, stride_kv, COLS: tl.constexpr):
 
 
 @triton.jit
+def _load_key_block(IDX, KV, t, slots, TOPK, stride_it, stride_kv, D_V: tl.constexpr, D_ROPE: tl.constexpr):
+    """Token t's key slots -> (valid [BLOCK_K], safe row ids, k_nope [BLOCK_K, D_V], k_pe [BLOCK_K, D_ROPE])."""
+    idx = tl.load(IDX + t * stride_it + slots, mask=slots < TOPK, other=-1)
+    valid = idx >= 0
+    safe = tl.where(valid, idx, 0)
+    return valid, safe, _load_tile(KV, safe, valid, 0, stride_kv, D_V), _load_tile(KV, safe, valid, D_V, stride_kv, D_ROPE)
+
+
+@triton.jit
+def _load_q(Q, t, heads, h_ok, stride_qt, stride_qh, D_V: tl.constexpr, D_ROPE: tl.constexpr):
+    """Token t's queries for `heads`: q_nope [BLOCK_H, D_V], q_pe [BLOCK_H, D_ROPE]."""
+    q_row = Q + t * stride_qt + heads[:, None] * stride_qh
+    q_nope = tl.load(q_row + tl.arange(0, D_V)[None, :], mask=h_ok[:, None], other=0.0)
+    q_pe = tl.load(q_row + D_V + tl.arange(0, D_ROPE)[None, :], mask=h_ok[:, None], other=0.0)
+    return q_nope, q_pe
+
+
+@triton.jit
 def _dot(a, b, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr):
     if DOT_FP32:
         return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision=PRECISION)
@@ -50,20 +67,15 @@ def _sparse_mla_fwd_kernel(
     t = tl.program_id(0)
     heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     h_ok = heads < H
-    q_row = Q + t * stride_qt + heads[:, None] * stride_qh
-    q_nope = tl.load(q_row + tl.arange(0, D_V)[None, :], mask=h_ok[:, None], other=0.0)
-    q_pe = tl.load(q_row + D_V + tl.arange(0, D_ROPE)[None, :], mask=h_ok[:, None], other=0.0)
+    q_nope, q_pe = _load_q(Q, t, heads, h_ok, stride_qt, stride_qh, D_V, D_ROPE)
 
     m = tl.full([BLOCK_H], float("-inf"), tl.float32)
     l = tl.zeros([BLOCK_H], tl.float32)
     acc = tl.zeros([BLOCK_H, D_V], tl.float32)
     for start in range(0, TOPK, BLOCK_K):
         slots = start + tl.arange(0, BLOCK_K)
-        idx = tl.load(IDX + t * stride_it + slots, mask=slots < TOPK, other=-1)
-        valid = idx >= 0
-        safe = tl.where(valid, idx, 0)
-        k_nope = _load_tile(KV, safe, valid, 0, stride_kv, D_V)  # [BLOCK_K, D_V], also the values
-        k_pe = _load_tile(KV, safe, valid, D_V, stride_kv, D_ROPE)
+        # k_nope [BLOCK_K, D_V] doubles as the values.
+        valid, safe, k_nope, k_pe = _load_key_block(IDX, KV, t, slots, TOPK, stride_it, stride_kv, D_V, D_ROPE)
         s = _dot(q_nope, tl.trans(k_nope), DOT_FP32, PRECISION) + _dot(q_pe, tl.trans(k_pe), DOT_FP32, PRECISION)
         s = tl.where(valid[None, :], s * scale_log2, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, 1))
@@ -85,9 +97,7 @@ def _sparse_mla_fwd_kernel(
 def _load_head_rows(Q, DO, LSE, DELTA, t, heads, h_ok, stride_qt, stride_qh, stride_dot, stride_doh, stride_lt,
                     D_V: tl.constexpr, D_ROPE: tl.constexpr):
     """One token's q (nope, rope), dO, lse (base 2; +inf where the row had no key) and delta for `heads`."""
-    q_row = Q + t * stride_qt + heads[:, None] * stride_qh
-    q_nope = tl.load(q_row + tl.arange(0, D_V)[None, :], mask=h_ok[:, None], other=0.0)
-    q_pe = tl.load(q_row + D_V + tl.arange(0, D_ROPE)[None, :], mask=h_ok[:, None], other=0.0)
+    q_nope, q_pe = _load_q(Q, t, heads, h_ok, stride_qt, stride_qh, D_V, D_ROPE)
     do = tl.load(DO + t * stride_dot + heads[:, None] * stride_doh + tl.arange(0, D_V)[None, :],
                  mask=h_ok[:, None], other=0.0)
     lse = tl.load(LSE + t * stride_lt + heads, mask=h_ok, other=float("inf"))
@@ -125,11 +135,7 @@ def _sparse_mla_bwd_dq_kernel(
     dq_pe = tl.zeros([BLOCK_H, D_ROPE], tl.float32)
     for start in range(0, TOPK, BLOCK_K):
         slots = start + tl.arange(0, BLOCK_K)
-        idx = tl.load(IDX + t * stride_it + slots, mask=slots < TOPK, other=-1)
-        valid = idx >= 0
-        safe = tl.where(valid, idx, 0)
-        k_nope = _load_tile(KV, safe, valid, 0, stride_kv, D_V)
-        k_pe = _load_tile(KV, safe, valid, D_V, stride_kv, D_ROPE)
+        valid, _, k_nope, k_pe = _load_key_block(IDX, KV, t, slots, TOPK, stride_it, stride_kv, D_V, D_ROPE)
         _, ds = _probs_and_dscores(q_nope, q_pe, do, lse2, delta, k_nope, k_pe, valid, h_ok, scale, scale_log2,
                                    DOT_FP32, PRECISION)
         ds_lo = ds.to(k_nope.dtype)
@@ -152,11 +158,7 @@ def _sparse_mla_bwd_dkv_kernel(
     add per (token, key, column) into dkv: H/BLOCK_H times fewer atomics than per head block."""
     t = tl.program_id(0)
     slots = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
-    idx = tl.load(IDX + t * stride_it + slots, mask=slots < TOPK, other=-1)
-    valid = idx >= 0
-    safe = tl.where(valid, idx, 0)
-    k_nope = _load_tile(KV, safe, valid, 0, stride_kv, D_V)
-    k_pe = _load_tile(KV, safe, valid, D_V, stride_kv, D_ROPE)
+    valid, safe, k_nope, k_pe = _load_key_block(IDX, KV, t, slots, TOPK, stride_it, stride_kv, D_V, D_ROPE)
     dk_nope = tl.zeros([BLOCK_K, D_V], tl.float32)
     dk_pe = tl.zeros([BLOCK_K, D_ROPE], tl.float32)
     for h0 in range(0, H, BLOCK_H):
@@ -251,26 +253,3 @@ def sparse_mla_bwd_triton(q, kv, indices, scale: float, d_v: int, out, lse, dout
         BLOCK_H=block_h, BLOCK_K=block_k, num_warps=warps, num_stages=stages, **common,
     )
     return dq, dkv.to(kv.dtype)
-
-
-class SparseMLATriton(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, kv, indices, scale, d_v):
-        out, lse = sparse_mla_fwd_triton(q, kv, indices, scale, d_v)
-        ctx.save_for_backward(q, kv, indices, out, lse)
-        ctx.scale, ctx.d_v = scale, d_v
-        ctx.mark_non_differentiable(lse)
-        return out, lse
-
-    @staticmethod
-    def backward(ctx, dout, _dlse):
-        q, kv, indices, out, lse = ctx.saved_tensors
-        dq, dkv = sparse_mla_bwd_triton(q, kv, indices, ctx.scale, ctx.d_v, out, lse, dout)
-        return dq, dkv, None, None, None
-
-
-def sparse_mla_triton(q, kv, indices, scale: float | None = None, d_v: int = 512):
-    """Differentiable Triton sparse MLA, same contract as sparse_mla_reference."""
-    if scale is None:
-        scale = 1.0 / math.sqrt(q.shape[-1])
-    return SparseMLATriton.apply(q, kv, indices, float(scale), int(d_v))
