@@ -63,6 +63,13 @@ class NSMLAConfig(MLATransformerConfig):
             raise ValueError(
                 f"--nsmla-kernel-backend must be one of {KERNEL_BACKENDS}, got {self.kernel_backend!r}"
             )
+        if self.kernel_backend == "triton":
+            for flag, value in (("--kv-lora-rank", self.kv_lora_rank), ("--qk-pos-emb-head-dim", self.qk_pos_emb_head_dim)):
+                if value < 16 or value & (value - 1):
+                    raise ValueError(
+                        f"--nsmla-kernel-backend triton needs {flag} to be a power of two >= 16 (DeepSeek: 512 "
+                        f"and 64), got {value}; use --nsmla-kernel-backend reference for other sizes"
+                    )
         if self.recall_sample_rows < 0:
             raise ValueError(f"--nsmla-recall-rows must be >= 0, got {self.recall_sample_rows}")
         if self.rope_type not in ("rope", "yarn"):

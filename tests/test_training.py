@@ -123,6 +123,8 @@ def test_bad_input_stops_with_clear_message(tmp_path, capsys):
     expect_error(capsys, TINY + ["--data-path", str(tmp_path / "nothing"), "--tokenizer-model", str(tmp_path / "t.model")],
                  "--tokenizer-model")
     expect_error(capsys, TINY + MOCK + ["--seq-length", "128", "--max-position-embeddings", "64"], "--seq-length (128)")
+    expect_error(capsys, TINY + MOCK + ["--nsmla-kernel-backend", "triton", "--kv-lora-rank", "48"],
+                 "--kv-lora-rank to be a power of two")
     # A checkpoint from another config.
     ckpt = str(tmp_path / "ckpt")
     run(tmp_path, "small", *MOCK, "--train-iters", "1", "--save", ckpt)
