@@ -114,9 +114,14 @@ def _mean_over_dp(value: torch.Tensor) -> float:
     return float(value) / parallel_state.get_data_parallel_world_size()
 
 
+def _micro_batches(args) -> int:
+    """Micro-batches each data-parallel rank runs per global batch."""
+    return args.global_batch_size // (args.micro_batch_size * parallel_state.get_data_parallel_world_size())
+
+
 def train_step(model, optimizer, scheduler, dataset, iteration, args, device, monitor_recall: bool):
     optimizer.zero_grad(set_to_none=True)
-    micro_batches = args.global_batch_size // (args.micro_batch_size * parallel_state.get_data_parallel_world_size())
+    micro_batches = _micro_batches(args)
     sparse = sparse_attention_modules(model) if monitor_recall else []
     total = torch.zeros((), device=device)
     recalls = []
@@ -149,7 +154,7 @@ def train_step(model, optimizer, scheduler, dataset, iteration, args, device, mo
 @torch.no_grad()
 def evaluate(model, dataset, eval_round: int, args, device) -> float:
     model.eval()
-    micro_batches = args.global_batch_size // (args.micro_batch_size * parallel_state.get_data_parallel_world_size())
+    micro_batches = _micro_batches(args)
     total = torch.zeros((), device=device)
     for i in range(args.eval_iters):
         for micro in range(micro_batches):
