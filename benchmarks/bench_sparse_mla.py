@@ -106,11 +106,15 @@ def bench_heads(H, T, L, k, scale, sweep, dev, gen, common):
     sparse_mla_bwd_triton(q, kv, idx, scale, D_V, out, lse, dout, bwd_cfg)
     peak = torch.cuda.max_memory_allocated() / 2**30
 
-    for op, ms, flops, cfg, bms in (("sparse_mla_fwd", fwd_ms, fwd_flops, fwd_cfg, base_fwd),
-                                    ("sparse_mla_bwd", bwd_ms, bwd_flops, bwd_cfg, base_bwd)):
+    det_ms = do_bench(lambda: sparse_mla_bwd_triton(q, kv, idx, scale, D_V, out, lse, dout, bwd_cfg, deterministic=True),
+                      warmup=3, rep=200, return_mode="median")
+    for op, ms, flops, cfg, bms, det in (("sparse_mla_fwd", fwd_ms, fwd_flops, fwd_cfg, base_fwd, False),
+                                         ("sparse_mla_bwd", bwd_ms, bwd_flops, bwd_cfg, base_bwd, False),
+                                         ("sparse_mla_bwd", det_ms, bwd_flops, bwd_cfg, base_bwd, True)):
         tflops = flops / ms / 1e9
-        print(f"{op:15} {H:4d} {str(cfg):>18} {ms:9.3f} {tflops:8.1f} {bms:12.3f} {bms / ms:8.2f}")
-        records.append(dict(common, op=op, heads=H, ms=ms, tflops=tflops, config=list(cfg),
+        print(f"{op:15} {H:4d} {str(cfg):>18} {ms:9.3f} {tflops:8.1f} {bms:12.3f} {bms / ms:8.2f}"
+              + ("  (deterministic)" if det else ""))
+        records.append(dict(common, op=op, heads=H, ms=ms, tflops=tflops, config=list(cfg), deterministic=det,
                             baseline="torch gather+bmm (bf16)", baseline_ms=bms, speedup=bms / ms,
                             baseline_tflops=flops / bms / 1e9, peak_mem_gb=peak, baseline_peak_mem_gb=base_peak))
     torch.cuda.empty_cache()
@@ -127,6 +131,7 @@ def main() -> None:
     p.add_argument("--sweep", type=int, nargs="*", default=[], metavar="H",
                    help="head counts at which to time block-size configurations too")
     p.add_argument("--out-dir", default=RESULTS_DIR)
+    p.add_argument("--tag", default="", help="added to the result file's name")
     opts = p.parse_args()
 
     import torch
@@ -146,7 +151,7 @@ def main() -> None:
     for H in opts.heads:
         records += bench_heads(H, T, L, k, scale, H in opts.sweep, dev, gen, common)
         torch.cuda.empty_cache()
-    write_results(records, "sparse_mla", name, opts.out_dir)
+    write_results(records, "sparse_mla", name, opts.out_dir, opts.tag)
 
 
 if __name__ == "__main__":

@@ -8,9 +8,10 @@ import os
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
-def write_results(records: list, name: str, device: str, out_dir: str = RESULTS_DIR) -> str:
-    """Write records to <out_dir>/<name>-<device>.json (device made file-name safe); return the path."""
+def write_results(records: list, name: str, device: str, out_dir: str = RESULTS_DIR, tag: str = "") -> str:
+    """Write records to <out_dir>/<name>[-<tag>]-<device>.json (device made file-name safe); return the path."""
     os.makedirs(out_dir, exist_ok=True)
+    name = f"{name}-{tag}" if tag else name
     tag = "".join(c if c.isalnum() or c in "-_." else "-" for c in device.replace(" ", "-"))
     path = os.path.join(out_dir, f"{name}-{tag}.json")
     with open(path, "w") as f:

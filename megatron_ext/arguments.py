@@ -60,7 +60,9 @@ def _model_args(p: argparse.ArgumentParser) -> None:
                    help="per-layer attention, one letter a layer: S sparse, D dense (e.g. DSSS)")
     n.add_argument("--nsmla-topk", type=int, default=64, help="keys each query attends to")
     n.add_argument("--nsmla-scoring", choices=SCORING_MODES, default="logit_sum")
-    n.add_argument("--nsmla-kernel-backend", choices=KERNEL_BACKENDS, default="reference")
+    n.add_argument("--nsmla-kernel-backend", choices=KERNEL_BACKENDS, default="auto",
+                   help="sparse attention and indexer kernels: 'triton', 'reference' (PyTorch), or 'auto' "
+                        "(triton on a GPU, reference on the CPU)")
     n.add_argument("--nsmla-recall-rows", type=int, default=32,
                    help="query rows sampled per log interval to measure indexer recall (0 = off)")
 

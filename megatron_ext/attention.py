@@ -175,7 +175,8 @@ class NSMLASelfAttention(MegatronModule):
 
     def absorbed_core(self, q_abs, kv_abs, indices, S: int, B: int) -> torch.Tensor:
         """Attention of q_abs over the kv_abs rows named by indices [B*S, k]. Returns [S, B, H*dv]."""
-        out_lat, _lse = sparse_mla(q_abs, kv_abs, indices, self.softmax_scale, self.kv_rank, self.config.kernel_backend)
+        out_lat, _lse = sparse_mla(q_abs, kv_abs, indices, self.softmax_scale, self.kv_rank,
+                                   self.config.backend_for(q_abs.device))
         _, w_uv = self._kv_up_weights()
         out = torch.einsum("thc,hvc->thv", out_lat, w_uv.to(out_lat.dtype))
         return out.reshape(B, S, self.heads * self.v_dim).transpose(0, 1)

@@ -10,7 +10,7 @@ from megatron.core.transformer.transformer_config import MLATransformerConfig
 from kernels.native_topk import SCORING_MODES
 
 ATTENTION_VARIANTS = ("nsmla", "dense")
-KERNEL_BACKENDS = ("reference", "triton")
+KERNEL_BACKENDS = ("auto", "reference", "triton")
 # One letter per layer in --nsmla-layer-pattern.
 PATTERN_LETTERS = {"S": "nsmla", "D": "dense"}
 
@@ -34,13 +34,24 @@ class NSMLAConfig(MLATransformerConfig):
     """Native indexer scoring: `logit_sum` (sum over heads of q_h.k) or `prob_sum` (sum over heads of
     softmax probabilities) (--nsmla-scoring)."""
 
-    kernel_backend: str = "reference"
-    """Implementation of the sparse attention: `reference` (PyTorch) or `triton` (--nsmla-kernel-backend).
-    The native indexer has only the PyTorch implementation so far."""
+    kernel_backend: str = "auto"
+    """Implementation of the sparse attention and the native indexer (--nsmla-kernel-backend):
+    `reference` (PyTorch), `triton`, or `auto`: triton on CUDA tensors when the latent sizes suit
+    the kernels (powers of two >= 16), the reference otherwise (CPU)."""
 
     recall_sample_rows: int = 32
     """Query rows per sequence sampled to measure the indexer's recall when monitoring is on
     (--nsmla-recall-rows); 0 disables it."""
+
+    def _triton_sizes(self):
+        return (("--kv-lora-rank", self.kv_lora_rank), ("--qk-pos-emb-head-dim", self.qk_pos_emb_head_dim))
+
+    def backend_for(self, device) -> str:
+        """The implementation (`reference` or `triton`) that runs on `device` under kernel_backend."""
+        if self.kernel_backend != "auto":
+            return self.kernel_backend
+        sizes_ok = all(v >= 16 and not v & (v - 1) for _, v in self._triton_sizes())
+        return "triton" if device.type == "cuda" and sizes_ok else "reference"
 
     def __post_init__(self):
         super().__post_init__()
@@ -64,7 +75,7 @@ class NSMLAConfig(MLATransformerConfig):
                 f"--nsmla-kernel-backend must be one of {KERNEL_BACKENDS}, got {self.kernel_backend!r}"
             )
         if self.kernel_backend == "triton":
-            for flag, value in (("--kv-lora-rank", self.kv_lora_rank), ("--qk-pos-emb-head-dim", self.qk_pos_emb_head_dim)):
+            for flag, value in self._triton_sizes():
                 if value < 16 or value & (value - 1):
                     raise ValueError(
                         f"--nsmla-kernel-backend triton needs {flag} to be a power of two >= 16 (DeepSeek: 512 "

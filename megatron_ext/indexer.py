@@ -12,7 +12,7 @@ import torch.distributed as dist
 
 from megatron.core import parallel_state
 
-from kernels.native_topk import native_scores_reference, native_topk_reference
+from kernels.native_topk import native_scores_reference, native_topk
 
 
 def _gather_heads(q: torch.Tensor) -> torch.Tensor:
@@ -34,8 +34,7 @@ class NativeIndexer(torch.nn.Module):
         self.mode = config.native_scoring
         self.scale = softmax_scale
         self.recall_rows = config.recall_sample_rows
-        # Scoring + top-k has only the PyTorch implementation so far, whatever
-        # --nsmla-kernel-backend says; the training banner states which op runs which backend.
+        self.config = config
 
     @torch.no_grad()
     def forward(self, q: torch.Tensor, kv: torch.Tensor, batch: int, seqlen: int) -> torch.Tensor:
@@ -43,10 +42,11 @@ class NativeIndexer(torch.nn.Module):
         B*S rows of kv (sequence b only selects rows b*S .. b*S+S-1), -1 where fewer keys exist."""
         q = _gather_heads(q.detach())
         kv = kv.detach()
+        backend = self.config.backend_for(q.device)
         out = []
         for b in range(batch):
             rows = slice(b * seqlen, (b + 1) * seqlen)
-            idx = native_topk_reference(q[rows], kv[rows], self.topk, self.mode, self.scale)
+            idx = native_topk(q[rows], kv[rows], self.topk, self.mode, self.scale, backend=backend)
             out.append(torch.where(idx >= 0, idx + b * seqlen, idx))
         return torch.cat(out, dim=0)
 

@@ -11,17 +11,11 @@ reliable, so operands are cast to fp32 first (DOT_FP32).
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+from kernels.triton_utils import LOG2E, dot as _dot, interpreting as _interpreting
 
 
 @triton.jit
@@ -50,13 +44,6 @@ def _load_q(Q, t, heads, h_ok, stride_qt, stride_qh, D_V: tl.constexpr, D_ROPE: 
 
 
 @triton.jit
-def _dot(a, b, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr):
-    if DOT_FP32:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision=PRECISION)
-    return tl.dot(a, b, input_precision=PRECISION)
-
-
-@triton.jit
 def _sparse_mla_fwd_kernel(
     Q, KV, IDX, OUT, LSE,
     scale_log2, H, TOPK,
@@ -64,7 +51,7 @@ def _sparse_mla_fwd_kernel(
     D_V: tl.constexpr, D_ROPE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
     DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    t = tl.program_id(0)
+    t = tl.program_id(0).to(tl.int64)  # t * stride_qt passes 2^31 at T*H*D >= 2^31
     heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     h_ok = heads < H
     q_nope, q_pe = _load_q(Q, t, heads, h_ok, stride_qt, stride_qh, D_V, D_ROPE)
@@ -126,7 +113,7 @@ def _sparse_mla_bwd_dq_kernel(
     DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """dq for one token and BLOCK_H heads: a loop over its key blocks, no atomics."""
-    t = tl.program_id(0)
+    t = tl.program_id(0).to(tl.int64)  # t * stride_qt passes 2^31 at T*H*D >= 2^31
     heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     h_ok = heads < H
     q_nope, q_pe, do, lse2, delta = _load_head_rows(Q, DO, LSE, DELTA, t, heads, h_ok, stride_qt, stride_qh,
@@ -149,14 +136,16 @@ def _sparse_mla_bwd_dq_kernel(
 @triton.jit
 def _sparse_mla_bwd_dkv_kernel(
     Q, KV, IDX, DO, LSE, DELTA, DKV,
-    scale, scale_log2, H, TOPK,
+    scale, scale_log2, H, TOPK, t0,
     stride_qt, stride_qh, stride_kv, stride_it, stride_dot, stride_doh, stride_lt, stride_dkv,
     D_V: tl.constexpr, D_ROPE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
-    DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
+    DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, PARTIALS: tl.constexpr,
 ):
-    """dK/dV of one token's key block, summed over all heads in registers, then one fp32 atomic
-    add per (token, key, column) into dkv: H/BLOCK_H times fewer atomics than per head block."""
-    t = tl.program_id(0)
+    """dK/dV of one token's key block, summed over all heads in registers. Then either one fp32
+    atomic add per (token, key, column) into dkv [L, D] (H/BLOCK_H times fewer atomics than per
+    head block), or, with PARTIALS, a plain store of the rows into DKV = partials [tokens, TOPK, D]
+    (token t at row t - t0) for `_dkv_segment_sum_kernel` to add up in a fixed order."""
+    t = t0 + tl.program_id(0).to(tl.int64)
     slots = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     valid, safe, k_nope, k_pe = _load_key_block(IDX, KV, t, slots, TOPK, stride_it, stride_kv, D_V, D_ROPE)
     dk_nope = tl.zeros([BLOCK_K, D_V], tl.float32)
@@ -171,10 +160,31 @@ def _sparse_mla_bwd_dkv_kernel(
         ds_t = tl.trans(ds.to(q_nope.dtype))
         dk_nope += _dot(ds_t, q_nope, DOT_FP32, PRECISION) + _dot(tl.trans(p.to(do.dtype)), do, DOT_FP32, PRECISION)
         dk_pe += _dot(ds_t, q_pe, DOT_FP32, PRECISION)
-    rows = DKV + safe[:, None] * stride_dkv
-    # Relaxed ordering: the adds only need to be atomic, not ordered with other memory traffic.
-    tl.atomic_add(rows + tl.arange(0, D_V)[None, :], dk_nope, mask=valid[:, None], sem="relaxed")
-    tl.atomic_add(rows + D_V + tl.arange(0, D_ROPE)[None, :], dk_pe, mask=valid[:, None], sem="relaxed")
+    if PARTIALS:
+        rows = DKV + (tl.program_id(0) * TOPK + slots)[:, None] * stride_dkv
+        in_row = (slots < TOPK)[:, None]
+        tl.store(rows + tl.arange(0, D_V)[None, :], dk_nope, mask=in_row)
+        tl.store(rows + D_V + tl.arange(0, D_ROPE)[None, :], dk_pe, mask=in_row)
+    else:
+        rows = DKV + safe[:, None] * stride_dkv
+        # Relaxed ordering: the adds only need to be atomic, not ordered with other memory traffic.
+        tl.atomic_add(rows + tl.arange(0, D_V)[None, :], dk_nope, mask=valid[:, None], sem="relaxed")
+        tl.atomic_add(rows + D_V + tl.arange(0, D_ROPE)[None, :], dk_pe, mask=valid[:, None], sem="relaxed")
+
+
+@triton.jit
+def _dkv_segment_sum_kernel(PART, ORDER, PTR, DKV, stride_part, stride_dkv, D: tl.constexpr, DP: tl.constexpr):
+    """dkv[j] += sum of the partial rows of key j, in the order ORDER lists them (deterministic).
+    ORDER [n] holds flat (token, slot) row numbers of PART sorted by key; key j owns
+    ORDER[PTR[j]:PTR[j+1]]."""
+    j = tl.program_id(0)
+    cols = tl.arange(0, DP)
+    acc = tl.zeros([DP], tl.float32)
+    for e in range(tl.load(PTR + j), tl.load(PTR + j + 1)):
+        r = tl.load(ORDER + e)
+        acc += tl.load(PART + r * stride_part + cols, mask=cols < D, other=0.0)
+    row = DKV + j * stride_dkv + cols
+    tl.store(row, tl.load(row, mask=cols < D, other=0.0) + acc, mask=cols < D)
 
 
 def check_triton_inputs(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, d_v: int) -> None:
@@ -225,15 +235,28 @@ def sparse_mla_fwd_triton(q, kv, indices, scale: float, d_v: int, config=None):
     return out, lse
 
 
-def sparse_mla_bwd_triton(q, kv, indices, scale: float, d_v: int, out, lse, dout, config=None):
-    """Returns dq [T, H, D] (q.dtype) and dkv [L, D] (kv.dtype; accumulated in fp32 with atomics,
-    so the summation order, and the last bits, may vary between runs). `config` is
-    ((BLOCK_H, BLOCK_K, warps, stages) for dq, the same for dkv)."""
+# Bytes of fp32 partial dK/dV rows one deterministic chunk of tokens may hold.
+PARTIAL_BYTES = 1 << 31
+
+
+def sparse_mla_bwd_triton(q, kv, indices, scale: float, d_v: int, out, lse, dout, config=None,
+                          deterministic: bool | None = None):
+    """Returns dq [T, H, D] (q.dtype) and dkv [L, D] (kv.dtype, accumulated in fp32).
+
+    dkv: by default fp32 atomic adds, so the summation order, and the last bits, may vary between
+    runs. deterministic=True (None: follow torch.are_deterministic_algorithms_enabled()) instead
+    stores each (token, slot) row and sums every key's rows in (token, slot) order, chunk by chunk
+    of tokens: bit-identical across runs, at the cost of writing and reading T*k*D*4 bytes.
+    `config` is ((BLOCK_H, BLOCK_K, warps, stages) for dq, the same for dkv)."""
+    if deterministic is None:
+        deterministic = torch.are_deterministic_algorithms_enabled()
     q, kv, indices = q.contiguous(), kv.contiguous(), indices.contiguous().to(torch.int32)
     dout = dout.contiguous()
     T, H, D = q.shape
     topk = indices.shape[1]
-    delta = (dout.float() * out.float()).sum(-1)  # [T, H]
+    delta = torch.empty(T, H, dtype=torch.float32, device=q.device)  # rowsum(dO * O), fp32
+    for s in range(0, T, 4096):  # in row blocks: fp32 copies of all of dO and O would double their memory
+        delta[s : s + 4096] = (dout[s : s + 4096].float() * out[s : s + 4096].float()).sum(-1)
     dq = torch.empty_like(q)
     dkv = torch.zeros(kv.shape, dtype=torch.float32, device=kv.device)
     dq_cfg, dkv_cfg = config or default_config(H, True, q.element_size())
@@ -248,8 +271,21 @@ def sparse_mla_bwd_triton(q, kv, indices, scale: float, d_v: int, out, lse, dout
         BLOCK_H=block_h, BLOCK_K=block_k, num_warps=warps, num_stages=stages, **common,
     )
     block_h, block_k, warps, stages = dkv_cfg
-    _sparse_mla_bwd_dkv_kernel[(T, triton.cdiv(topk, block_k))](
-        q, kv, indices, dout, lse, delta, dkv, *args, dkv.stride(0),
-        BLOCK_H=block_h, BLOCK_K=block_k, num_warps=warps, num_stages=stages, **common,
-    )
+    dkv_opts = dict(BLOCK_H=block_h, BLOCK_K=block_k, num_warps=warps, num_stages=stages, **common)
+    if not deterministic:
+        _sparse_mla_bwd_dkv_kernel[(T, triton.cdiv(topk, block_k))](
+            q, kv, indices, dout, lse, delta, dkv, *args[:4], 0, *args[4:], dkv.stride(0), PARTIALS=False, **dkv_opts)
+        return dq, dkv.to(kv.dtype)
+    chunk = max(1, PARTIAL_BYTES // (topk * D * 4))
+    keys = torch.arange(kv.shape[0] + 1, device=kv.device)
+    for t0 in range(0, T, chunk):
+        n = min(T, t0 + chunk) - t0
+        part = torch.empty(n * topk, D, dtype=torch.float32, device=kv.device)
+        _sparse_mla_bwd_dkv_kernel[(n, triton.cdiv(topk, block_k))](
+            q, kv, indices, dout, lse, delta, part, *args[:4], t0, *args[4:], part.stride(0), PARTIALS=True, **dkv_opts)
+        # Stable sort: a key's rows stay in (token, slot) order; -1 slots sort first and are skipped.
+        sorted_keys, order = torch.sort(indices[t0 : t0 + n].reshape(-1).long(), stable=True)
+        ptr = torch.searchsorted(sorted_keys, keys)
+        _dkv_segment_sum_kernel[(kv.shape[0],)](part, order, ptr, dkv, part.stride(0), dkv.stride(0),
+                                                D=D, DP=triton.next_power_of_2(D), num_warps=4)
     return dq, dkv.to(kv.dtype)

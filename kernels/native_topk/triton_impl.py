@@ -1,0 +1,203 @@
+"""Triton kernels of the native indexer: fused scoring passes and the exact in-buffer selection.
+
+The [T, L] score matrix never reaches memory. Each pass recomputes scores tile by tile
+([BM query rows, BN keys], a GEMM over D in DC-wide chunks) and keeps only per-row reductions:
+
+- `_score_pass_kernel` with PASS=0: sample statistics (count, sum, sum of squares, max);
+  PASS=1: counts of scores >= each of J per-row thresholds (a cumulative histogram);
+  PASS=2: those counts, plus every (score, key) with score >= a per-row write threshold `tw`,
+  compacted in ascending key order into a per-row candidate buffer of `cap` slots.
+- `_lse_kernel`: per-head log-sum-exp over the causal keys (prob_sum's first pass).
+- `_select_kernel`: the exact top-k of one row's candidates (ties: lower key index), by bisection
+  on the order-preserving integer image of the fp32 scores.
+
+Scores are built from an operand A against kv [L, D]:
+- logit_sum: A [T, P * D_PAD] holds sum_h q[:, h] split into P parts of kv's dtype whose sum is
+  the fp32 value (P = 2 for bf16/fp16: hi + lo; P = 1 for fp32), each zero-padded to D_PAD (a
+  multiple of the K chunk DC). The score is the fp32 dot up to 2^-17 of sum_d |qs_d kv_d| while
+  every GEMM runs on 16-bit tensor cores.
+- prob_sum: A is q itself viewed [H, T, D]; score = sum_h exp2(scale_log2 * logit_h - lse2_h).
+The host driver (streaming.py) picks thresholds, retries rows whose candidates did not fit, and
+falls back to the reference for rows that cannot be resolved (more than cap - k tied scores).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from kernels.triton_utils import dot
+
+
+@triton.jit
+def _logits(A, KV, rows, row_ok, keys, key_ok, stride_at, stride_kv, P: tl.constexpr, D: tl.constexpr,
+            D_PAD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, DC: tl.constexpr, DOT_FP32: tl.constexpr):
+    """sum_p <A[rows, p * D_PAD : p * D_PAD + D], kv[keys]> -> [BM, BN] fp32.
+
+    For logit_sum A's P parts sit side by side, each zero-padded to D_PAD columns, so hi.kv + lo.kv
+    is one accumulator. D is a compile-time constant: when D_PAD == D the loads carry only row
+    masks, which keeps them vectorised."""
+    acc = tl.zeros([BM, BN], tl.float32)
+    for p in tl.static_range(P):
+        for d0 in range(0, D_PAD, DC):
+            cols = d0 + tl.arange(0, DC)
+            a_mask = row_ok[:, None]
+            b_mask = key_ok[:, None]
+            if D_PAD != D:
+                a_mask = a_mask & (cols < D)[None, :]
+                b_mask = b_mask & (cols < D)[None, :]
+            a = tl.load(A + rows[:, None] * stride_at + (p * D_PAD + cols)[None, :], mask=a_mask, other=0.0)
+            b = tl.load(KV + keys[:, None] * stride_kv + cols[None, :], mask=b_mask, other=0.0)
+            acc += dot(a, tl.trans(b), DOT_FP32, "ieee")
+    return acc
+
+
+@triton.jit
+def _scores(A, KV, LSE2, slots, rows, row_ok, keys, key_ok, valid, P, scale_log2,
+            stride_ap, stride_at, stride_kv, stride_lr,
+            PROB: tl.constexpr, NPARTS: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
+            BM: tl.constexpr, BN: tl.constexpr, DC: tl.constexpr, DOT_FP32: tl.constexpr):
+    """Native scores [BM, BN] fp32 of a tile; -inf where `valid` is False (non-causal, padding)."""
+    if PROB:
+        total = tl.zeros([BM, BN], tl.float32)
+        for p in range(0, P):
+            logit = _logits(A + tl.cast(p, tl.int64) * stride_ap, KV, rows, row_ok, keys, key_ok, stride_at, stride_kv,
+                            1, D, D_PAD, BM, BN, DC, DOT_FP32)
+            lse2 = tl.load(LSE2 + slots * stride_lr + p, mask=row_ok, other=0.0)
+            total += tl.exp2(logit * scale_log2 - lse2[:, None])
+    else:
+        total = _logits(A, KV, rows, row_ok, keys, key_ok, stride_at, stride_kv, NPARTS, D, D_PAD, BM, BN, DC,
+                        DOT_FP32)
+    return tl.where(valid, total, float("-inf"))
+
+
+@triton.jit
+def _row_block(ROWS, R, L, q_offset, BM: tl.constexpr):
+    """Slots, row ids, validity and causal key counts [BM] of program 0's block of rows."""
+    slots = tl.program_id(0) * BM + tl.arange(0, BM)
+    row_ok = slots < R
+    rows = tl.load(ROWS + slots, mask=row_ok, other=0).to(tl.int64)  # rows * strides may pass 2^31
+    n_keys = tl.where(row_ok, tl.minimum(rows + q_offset + 1, L), 0)
+    return slots, rows, row_ok, n_keys
+
+
+@triton.jit
+def _lse_kernel(A, KV, ROWS, LSE2, R, L, q_offset, scale_log2,
+                stride_ap, stride_at, stride_kv, stride_lr,
+                D: tl.constexpr, D_PAD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, DC: tl.constexpr, DOT_FP32: tl.constexpr):
+    """lse2[slot, h] = log2 sum_j exp2(scale_log2 * <q[row, h], kv[j]>) over the causal keys j."""
+    h = tl.program_id(1)
+    slots, rows, row_ok, n_keys = _row_block(ROWS, R, L, q_offset, BM)
+    m = tl.full([BM], float("-inf"), tl.float32)
+    l = tl.zeros([BM], tl.float32)
+    for k0 in range(0, tl.max(n_keys), BN):
+        keys = k0 + tl.arange(0, BN)
+        valid = keys[None, :] < n_keys[:, None]
+        s = _logits(A + h.to(tl.int64) * stride_ap, KV, rows, row_ok, keys, keys < L, stride_at, stride_kv,
+                    1, D, D_PAD, BM, BN, DC, DOT_FP32)
+        s = tl.where(valid, s * scale_log2, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, 1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        l = l * tl.exp2(m - m_use) + tl.sum(tl.exp2(s - m_use[:, None]), 1)
+        m = m_new
+    tl.store(LSE2 + slots * stride_lr + h, m + tl.log2(tl.where(l > 0, l, 1.0)), mask=row_ok)
+
+
+@triton.jit
+def _score_pass_kernel(
+    A, KV, LSE2, ROWS, TH, TW, STATS, CNT, CNT_W, RMAX, BUF_V, BUF_I,
+    R, L, q_offset, P, scale_log2, key_step, cap,
+    stride_ap, stride_at, stride_kv, stride_lr, stride_th, stride_buf,
+    PROB: tl.constexpr, PASS: tl.constexpr, J: tl.constexpr, NPARTS: tl.constexpr, D: tl.constexpr,
+    D_PAD: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, DC: tl.constexpr, DOT_FP32: tl.constexpr,
+):
+    """One streaming pass over the causal keys of BM rows; keys j * key_step (key_step > 1 samples)."""
+    slots, rows, row_ok, n_keys = _row_block(ROWS, R, L, q_offset, BM)
+    jj = tl.arange(0, J)
+    counts = tl.zeros([BM, J], tl.int32)
+    s_n = tl.zeros([BM], tl.float32)
+    s_sum = tl.zeros([BM], tl.float32)
+    s_sq = tl.zeros([BM], tl.float32)
+    s_max = tl.full([BM], float("-inf"), tl.float32)
+    cursor = tl.zeros([BM], tl.int32)
+    tw = tl.load(TW + slots, mask=row_ok, other=float("inf"))
+    span = tl.max(n_keys)
+    for k0 in range(0, tl.cdiv(span, key_step), BN):
+        keys = (k0 + tl.arange(0, BN)) * key_step
+        valid = keys[None, :] < n_keys[:, None]
+        s = _scores(A, KV, LSE2, slots, rows, row_ok, keys, keys < span, valid, P, scale_log2,
+                    stride_ap, stride_at, stride_kv, stride_lr, PROB, NPARTS, D, D_PAD, BM, BN, DC, DOT_FP32)
+        s_max = tl.maximum(s_max, tl.max(s, 1))
+        if PASS == 0:
+            finite = tl.where(valid, s, 0.0)
+            s_n += tl.sum(valid.to(tl.float32), 1)
+            s_sum += tl.sum(finite, 1)
+            s_sq += tl.sum(finite * finite, 1)
+        else:
+            for j in tl.static_range(J):
+                th = tl.load(TH + slots * stride_th + j, mask=row_ok, other=float("inf"))
+                c = tl.sum((s >= th[:, None]).to(tl.int32), 1)
+                counts += tl.where(jj[None, :] == j, c[:, None], 0)
+        if PASS == 2:
+            take = (s >= tw[:, None]).to(tl.int32)
+            pos = cursor[:, None] + tl.cumsum(take, 1) - 1
+            keep = (take > 0) & (pos < cap)
+            buf = slots[:, None] * stride_buf + pos
+            tl.store(BUF_V + buf, s, mask=keep)
+            tl.store(BUF_I + buf, keys[None, :] + tl.zeros([BM, BN], tl.int32), mask=keep)
+            cursor += tl.sum(take, 1)
+    if PASS == 0:
+        stats = STATS + slots * 4
+        tl.store(stats, s_n, mask=row_ok)
+        tl.store(stats + 1, s_sum, mask=row_ok)
+        tl.store(stats + 2, s_sq, mask=row_ok)
+        tl.store(stats + 3, s_max, mask=row_ok)
+    else:
+        tl.store(CNT + slots[:, None] * J + jj[None, :], counts, mask=row_ok[:, None])
+    if PASS == 2:
+        tl.store(CNT_W + slots, cursor, mask=row_ok)
+        tl.store(RMAX + slots, s_max, mask=row_ok)
+
+
+@triton.jit
+def _select_kernel(BUF_V, BUF_I, CNT_W, LOWER, SLOTS, ROWS, OUT, n_slots, topk, stride_buf, stride_out,
+                   RB: tl.constexpr, CP: tl.constexpr):
+    """Exact top-k of the candidates of RB rows (topk <= count <= CP each), in ascending key order.
+
+    fp32 scores map to int32 keys that order like the floats (negative floats get their magnitude
+    bits flipped); bisection finds each row's k-th largest key v; the row takes every key above v
+    and, of those equal to v, the lowest-indexed ones (the buffer is in ascending key order)."""
+    r = tl.program_id(0) * RB + tl.arange(0, RB)
+    r_ok = r < n_slots
+    slot = tl.load(SLOTS + r, mask=r_ok, other=0)
+    row = tl.load(ROWS + slot, mask=r_ok, other=0).to(tl.int64)
+    count = tl.load(CNT_W + slot, mask=r_ok, other=0)
+    offs = tl.arange(0, CP)
+    ok = (offs[None, :] < count[:, None]) & r_ok[:, None]
+    buf = slot[:, None] * stride_buf + offs[None, :]
+    v = tl.load(BUF_V + buf, mask=ok, other=0.0) + 0.0  # -0.0 -> +0.0
+    bits = v.to(tl.int32, bitcast=True)
+    key = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+    key = tl.where(ok, key, -2147483647 - 1)  # below every real score's key
+    lower = tl.load(LOWER + slot, mask=r_ok, other=float("-inf")) + 0.0
+    lbits = lower.to(tl.int32, bitcast=True)
+    lo = tl.maximum(tl.min(tl.where(ok, key, 2147483647), 1), tl.where(lbits < 0, lbits ^ 0x7FFFFFFF, lbits))
+    lo = lo.to(tl.int64)
+    hi = tl.max(key, 1).to(tl.int64)
+    # Invariant: count(key >= lo) >= topk >= count(key > hi); each step halves hi - lo.
+    # ceil(log2(widest span)) steps, one spare for the float rounding of the log.
+    steps = tl.ceil(tl.log2(tl.max(hi - lo + 1).to(tl.float32))).to(tl.int32) + 1
+    for _ in range(0, steps):  # invariant: count(key >= lo) >= topk; hi - lo < 2^32 halves each step
+        mid = (lo + hi + 1) >> 1
+        enough = tl.sum((key >= mid.to(tl.int32)[:, None]).to(tl.int32), 1) >= topk
+        lo = tl.where(enough, mid, lo)
+        hi = tl.where(enough, hi, mid - 1)
+    kth = lo.to(tl.int32)[:, None]
+    above = key > kth
+    tied = (key == kth).to(tl.int32)
+    need = topk - tl.sum(above.to(tl.int32), 1)
+    take = (above | ((tied > 0) & (tl.cumsum(tied, 1) <= need[:, None]))).to(tl.int32)
+    pos = tl.cumsum(take, 1) - 1
+    idx = tl.load(BUF_I + buf, mask=ok, other=-1)
+    tl.store(OUT + row[:, None] * stride_out + pos, idx, mask=(take > 0) & r_ok[:, None])

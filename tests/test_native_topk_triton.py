@@ -1,0 +1,127 @@
+"""Triton native top-k (fused scoring + streaming selection) against the PyTorch reference.
+
+CPU (CI): TRITON_INTERPRET=1 at small shapes. GPU: D = 576 at T = L = 4096-8192, H 16 and 128.
+Set semantics: the Triton rows list the same keys as the reference in ascending key order.
+- Integer-valued inputs make every score exact in fp32 whatever the summation order, so for
+  logit_sum the sets must be identical, ties included (lower key index wins).
+- Random float inputs: both sides round differently, so keys whose reference score lies within
+  `tol` of the k-th score may swap; every other key must be decided the same way.
+  tol: logit_sum 1e-5 x max|score| of the row (the bf16 hi+lo split of sum_h q is exact to 2^-17);
+  prob_sum 1e-5 x H.
+"""
+
+import pytest
+import torch
+
+import kernels.native_topk.streaming as streaming
+from kernels.native_topk import native_scores_reference, native_topk_reference, native_topk_triton
+from tests.conftest import fresh_seed
+
+GPU = torch.cuda.is_available()
+DEVICE = "cuda" if GPU else "cpu"
+
+if GPU:
+    SHAPES = [(4096, 4096, 16, 576, 2048, 0), (2047, 8191, 128, 576, 2048, 6144), (3001, 3001, 8, 576, 512, 0)]
+else:
+    SHAPES = [(37, 37, 8, 40, 8, 0), (29, 61, 16, 24, 16, 32), (45, 45, 3, 24, 64, 0), (33, 33, 2, 48, 5, 0)]
+
+
+def selected(row: torch.Tensor) -> list:
+    return sorted(x for x in row.tolist() if x >= 0)
+
+
+def check_rows(got, ref_idx, scores, k, tol_fn=None):
+    """got/ref_idx [T, k]; scores [T, L] reference scores (-inf non-causal)."""
+    assert got.shape == ref_idx.shape and got.dtype == torch.int32
+    for t in range(got.shape[0]):
+        g, r = got[t].tolist(), selected(ref_idx[t])
+        n = len(r)
+        assert g[:n] == sorted(g[:n]) and all(x == -1 for x in g[n:]), f"row {t}: not ascending then -1: {g}"
+        if tol_fn is None:
+            assert g[:n] == r, f"row {t}: set differs from the reference"
+            continue
+        row = scores[t].double()
+        kth = row[torch.tensor(r)].min()
+        tol = tol_fn(row)
+        mine = torch.zeros_like(row, dtype=torch.bool)
+        mine[torch.tensor(g[:n], dtype=torch.long)] = True
+        assert len(set(g[:n])) == n
+        assert (row[mine] >= kth - tol).all(), f"row {t}: selected a key well below the k-th score"
+        assert mine[row > kth + tol].all(), f"row {t}: missed a key well above the k-th score"
+
+
+def integer_inputs(T, L, H, D, gen, dtype):
+    q = torch.randint(-2, 3, (T, H, D), generator=gen).to(dtype)
+    kv = torch.randint(-2, 3, (L, D), generator=gen).to(dtype)
+    return q, kv
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "T{}-L{}-H{}-D{}-k{}-off{}".format(*s))
+def test_logit_sum_exact_with_ties(shape, dtype):
+    T, L, H, D, k, off = shape
+    gen = torch.Generator().manual_seed(fresh_seed())
+    q, kv = integer_inputs(T, L, H, D, gen, dtype)
+    ref = native_topk_reference(q, kv, k, "logit_sum", 1.0, off)
+    got = native_topk_triton(q.to(DEVICE), kv.to(DEVICE), k, "logit_sum", 1.0, off).cpu()
+    check_rows(got, ref, None, k)
+
+
+@pytest.mark.parametrize("mode", ["logit_sum", "prob_sum"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "T{}-L{}-H{}-D{}-k{}-off{}".format(*s))
+def test_float_inputs_agree_up_to_near_ties(shape, mode):
+    T, L, H, D, k, off = shape
+    gen = torch.Generator().manual_seed(fresh_seed())
+    dtype = torch.bfloat16 if GPU else torch.float32
+    q, kv = torch.randn(T, H, D, generator=gen).to(dtype), torch.randn(L, D, generator=gen).to(dtype)
+    scale = D**-0.5
+    qd, kvd = q.to(DEVICE), kv.to(DEVICE)
+    ref = native_topk_reference(qd, kvd, k, mode, scale, off).cpu()
+    got = native_topk_triton(qd, kvd, k, mode, scale, off).cpu()
+    scores = native_scores_reference(q, kv, mode, scale, torch.arange(T) + off)
+    if mode == "logit_sum":
+        tol = lambda row: 1e-5 * row[torch.isfinite(row)].abs().max()
+    else:
+        tol = lambda row: 1e-5 * H
+    check_rows(got, ref, scores, k, tol)
+
+
+@pytest.mark.parametrize("start", ["too_high", "too_low"])
+def test_retries_recover_from_a_bad_first_threshold(monkeypatch, start):
+    """Force the sample's estimate far off: the exact counts of the retry passes must still find it."""
+    T, L, H, D, k, off = SHAPES[1]
+    gen = torch.Generator().manual_seed(fresh_seed())
+    q, kv = integer_inputs(T, L, H, D, gen, torch.float32)
+    first = streaming._first_thresholds
+
+    def skewed(runner, n_keys, topk):
+        grid, tw = first(runner, n_keys, topk)
+        shift = 1e4 if start == "too_high" else -1e4
+        return grid + shift, tw + shift
+
+    monkeypatch.setattr(streaming, "_first_thresholds", skewed)
+    got = native_topk_triton(q.to(DEVICE), kv.to(DEVICE), k, "logit_sum", 1.0, off).cpu()
+    check_rows(got, native_topk_reference(q, kv, k, "logit_sum", 1.0, off), None, k)
+
+
+def test_all_scores_tied_falls_back_exactly():
+    """Every key scores the same: more than cap - k ties, resolved by the reference, lowest keys win."""
+    T, L, k = 40, 40, 6
+    q = torch.ones(T, 2, 16, device=DEVICE)
+    kv = torch.ones(L, 16, device=DEVICE)
+    got = native_topk_triton(q, kv, k, "logit_sum").cpu()
+    for t in range(T):
+        n = min(k, t + 1)
+        assert got[t].tolist() == list(range(n)) + [-1] * (k - n)
+
+
+def test_bad_inputs_name_the_problem():
+    q, kv = torch.randn(4, 2, 8, device=DEVICE), torch.randn(4, 8, device=DEVICE)
+    with pytest.raises(ValueError, match="scoring mode"):
+        native_topk_triton(q, kv, 2, "max")
+    with pytest.raises(ValueError, match="equal D"):
+        native_topk_triton(q, kv[:, :4], 2)
+    with pytest.raises(ValueError, match="topk must be > 0"):
+        native_topk_triton(q, kv, 0)
+    with pytest.raises(ValueError, match="bf16, fp16 or fp32"):
+        native_topk_triton(q, kv.double(), 2)
