@@ -52,7 +52,6 @@ def main() -> None:
             runner = st._Rows(A, kv, rows, 0, D**-0.5, opts.mode, cfg)
             grid, tw = st._first_thresholds(runner, n_keys, k)
             res = runner.run(2, th=grid, tw=tw, cap=cap)
-            lower = torch.where(res["counts"] >= k, grid, float("-inf")).amax(1)
             out = torch.empty(L, k, dtype=torch.int32, device=dev)
             good = torch.arange(rows.numel(), device=dev, dtype=torch.int32)
             times = {
@@ -61,7 +60,7 @@ def main() -> None:
                 "counts(sample)": cuda_ms(lambda: runner.run(1, key_step=st.SAMPLE_STEP, th=torch.cat([grid, grid], 1)), 3),
                 "main": cuda_ms(lambda: runner.run(2, th=grid, tw=tw, cap=cap), 3),
                 "main J=1": cuda_ms(lambda: runner.run(2, th=grid[:, :1], tw=tw, cap=cap), 3),
-                "select": cuda_ms(lambda: st._select(res, good, rows, out, k, cap, lower), 3),
+                "select": cuda_ms(lambda: st._select(res, good, rows, out, k, cap, grid), 3),
             }
         except Exception as err:  # a config that does not compile or fit
             print(f"{text}: failed: {type(err).__name__}: {str(err)[:200]}")

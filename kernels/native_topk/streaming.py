@@ -24,7 +24,7 @@ import triton
 
 from kernels.triton_utils import LOG2E, interpreting
 
-from .reference import SCORING_MODES, native_topk_reference
+from .reference import _check as check_reference_inputs, native_topk_reference
 from .triton_impl import _lse_kernel, _score_pass_kernel, _select_kernel
 
 SAMPLE_STEP = 16
@@ -51,13 +51,8 @@ def default_config(mode: str) -> dict:
 
 
 def _check(q: torch.Tensor, kv: torch.Tensor, topk: int, mode: str) -> None:
-    if mode not in SCORING_MODES:
-        raise ValueError(f"native_topk (triton): scoring mode must be one of {SCORING_MODES}, got {mode!r}")
-    if q.dim() != 3 or kv.dim() != 2 or q.shape[-1] != kv.shape[-1]:
-        raise ValueError(f"native_topk (triton): need q [T, H, D] and kv [L, D] with equal D, got "
-                         f"{tuple(q.shape)}, {tuple(kv.shape)}")
-    if topk <= 0:
-        raise ValueError(f"native_topk (triton): topk must be > 0, got {topk}")
+    """The reference's checks (mode, shapes, topk), then what the kernels add: device and dtype."""
+    check_reference_inputs(q, kv, mode, topk)
     if not (q.is_cuda or interpreting()) or q.device != kv.device:
         raise ValueError("native_topk (triton): q and kv must be on the same CUDA device (or set TRITON_INTERPRET=1)")
     if kv.dtype not in (torch.bfloat16, torch.float16, torch.float32):
@@ -86,7 +81,8 @@ def _d_pad(d: int, cfg: dict) -> int:
 class _Rows:
     """Launches the passes for one set of rows (slots 0..R-1 map to query rows `rows`)."""
 
-    def __init__(self, operand, kv, rows, q_offset, scale, mode, cfg):
+    def __init__(self, operand, kv, rows, q_offset, scale, mode, cfg, lse2=None):
+        self.mode, self.scale = mode, scale
         (self.A, self.P), self.kv, self.rows, self.q_offset, self.cfg = operand, kv, rows, q_offset, cfg
         self.prob = mode == "prob_sum"
         self.scale_log2 = scale * LOG2E
@@ -94,12 +90,21 @@ class _Rows:
         self.d_pad = _d_pad(kv.shape[1], cfg)
         # prob_sum: A [H, T, D] (strides head, token); logit_sum: A [T, P * d_pad] (no head stride).
         self.strides = (self.A.stride(0), self.A.stride(1)) if self.prob else (0, self.A.stride(0))
+        if lse2 is not None:  # prob_sum rows whose log-sum-exp an earlier runner computed
+            self.lse2 = lse2
+            return
         self.lse2 = torch.empty(self.R if self.prob else 1, self.P, dtype=torch.float32, device=kv.device)
         if self.prob:
             grid = (triton.cdiv(self.R, cfg["BM"]), self.P)
             _lse_kernel[grid](self.A, kv, rows, self.lse2, self.R, kv.shape[0], q_offset,
                               self.scale_log2, *self.strides, kv.stride(0), self.lse2.stride(0),
                               D=kv.shape[1], D_PAD=self.d_pad, DOT_FP32=interpreting(), **cfg)
+
+    def subset(self, slots: torch.Tensor) -> "_Rows":
+        """The runner of rows[slots], reusing their per-head log-sum-exp (prob_sum) instead of redoing it."""
+        lse2 = self.lse2[slots].contiguous() if self.prob else None
+        return _Rows((self.A, self.P), self.kv, self.rows[slots].contiguous(), self.q_offset, self.scale, self.mode,
+                     self.cfg, lse2)
 
     def run(self, pass_id, key_step=1, th=None, tw=None, cap=0):
         dev, R = self.kv.device, self.R
@@ -116,7 +121,8 @@ class _Rows:
             self.A, self.kv, self.lse2, self.rows, th, tw, stats, counts, count_w, rmax, buf_v, buf_i,
             R, self.kv.shape[0], self.q_offset, self.P, self.scale_log2, key_step, cap,
             *self.strides, self.kv.stride(0), self.lse2.stride(0), th.stride(0), buf_v.stride(0),
-            PROB=self.prob, PASS=pass_id, J=J, NPARTS=1 if self.prob else self.P, D=self.kv.shape[1], D_PAD=self.d_pad, DOT_FP32=interpreting(), **self.cfg,
+            PROB=self.prob, PASS=pass_id, J=J, NPARTS=1 if self.prob else self.P, D=self.kv.shape[1],
+            D_PAD=self.d_pad, DOT_FP32=interpreting(), **self.cfg,
         )
         return dict(stats=stats, counts=counts, count_w=count_w, rmax=rmax, buf_v=buf_v, buf_i=buf_i)
 
@@ -161,9 +167,11 @@ def _next_thresholds(th, counts, rmax, topk: int, cap: int):
     return grid, tw
 
 
-def _select(res: dict, slots, rows, out, topk: int, cap: int, lower) -> None:
-    """out[rows[slots]] = exact top-k of those slots' candidate buffers; lower [R] fp32 holds per
-    slot a score at or below the k-th (-inf when none is known)."""
+def _select(res: dict, slots, rows, out, topk: int, cap: int, grid) -> None:
+    """out[rows[slots]] = exact top-k of those slots' candidate buffers (res: a main pass at
+    thresholds grid [R, J])."""
+    # The highest threshold that still keeps >= topk keys bounds the k-th score from below.
+    lower = torch.where(res["counts"] >= topk, grid, float("-inf")).amax(1)
     cp = triton.next_power_of_2(cap)
     rb = max(1, min(4, 8192 // cp))  # rows per program: amortises the bisection's reductions
     _select_kernel[(triton.cdiv(slots.numel(), rb),)](
@@ -183,16 +191,14 @@ def _select_rows(A, kv, q, rows, topk, mode, scale, q_offset, out, cfg):
         fits = (res["count_w"] >= topk) & (res["count_w"] <= cap)
         good = torch.nonzero(fits).squeeze(1).to(torch.int32)
         if good.numel():
-            # The highest main-grid threshold that still keeps >= topk keys bounds the k-th score below.
-            lower = torch.where(res["counts"] >= topk, grid, float("-inf")).amax(1)
-            _select(res, good, runner.rows, out, topk, cap, lower)
+            _select(res, good, runner.rows, out, topk, cap, grid)
         bad = torch.nonzero(~fits).squeeze(1)
         if bad.numel() == 0:
             return
         th = torch.cat([grid[bad], tw[bad, None]], 1)
         counts = torch.cat([res["counts"][bad], res["count_w"][bad, None]], 1)
         grid, tw = _next_thresholds(th, counts, res["rmax"][bad], topk, cap)
-        runner = _Rows(A, kv, runner.rows[bad].contiguous(), q_offset, scale, mode, cfg)
+        runner = runner.subset(bad)
     PASS_COUNTS["fallback"] += runner.R
     for r in runner.rows.tolist():  # unresolved after MAX_TRIES: more than cap - k ties at the k-th score
         out[r] = _ascending(native_topk_reference(q[r : r + 1], kv, topk, mode, scale, q_offset + r)[0])
