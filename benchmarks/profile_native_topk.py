@@ -50,7 +50,7 @@ def main() -> None:
         try:
             A = st._operand(q, kv, opts.mode, st._d_pad(D, cfg))
             runner = st._Rows(A, kv, rows, 0, D**-0.5, opts.mode, cfg)
-            grid, tw = st._first_thresholds(runner, n_keys, k)
+            grid, tw, _ = st._first_thresholds(runner, n_keys, k)
             res = runner.run(2, th=grid, tw=tw, cap=cap)
             out = torch.empty(L, k, dtype=torch.int32, device=dev)
             good = torch.arange(rows.numel(), device=dev, dtype=torch.int32)

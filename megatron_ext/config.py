@@ -9,6 +9,11 @@ from megatron.core.transformer.transformer_config import MLATransformerConfig
 
 from kernels.native_topk import SCORING_MODES
 
+# The Triton native top-k pays fixed costs per call (sample passes, host syncs, retries) that only
+# long rows amortise. On an H100 against score GEMM + torch.topk: 0.14x at 4096 keys (k 512),
+# 1.35x at 32768 (k 2048) (kernels/native_topk/NOTES.md). `auto` uses it from this length on.
+TRITON_TOPK_MIN_KEYS = 32768
+
 ATTENTION_VARIANTS = ("nsmla", "dense")
 KERNEL_BACKENDS = ("auto", "reference", "triton")
 # One letter per layer in --nsmla-layer-pattern.
@@ -52,6 +57,14 @@ class NSMLAConfig(MLATransformerConfig):
             return self.kernel_backend
         sizes_ok = all(v >= 16 and not v & (v - 1) for _, v in self._triton_sizes())
         return "triton" if device.type == "cuda" and sizes_ok else "reference"
+
+    def indexer_backend_for(self, device, num_keys: int) -> str:
+        """backend_for, except that `auto` keeps the reference top-k for sequences shorter than
+        TRITON_TOPK_MIN_KEYS, where the Triton streaming top-k loses (fixed costs per call)."""
+        backend = self.backend_for(device)
+        if self.kernel_backend == "auto" and num_keys < TRITON_TOPK_MIN_KEYS:
+            return "reference"
+        return backend
 
     def __post_init__(self):
         super().__post_init__()

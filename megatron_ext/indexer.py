@@ -42,7 +42,7 @@ class NativeIndexer(torch.nn.Module):
         B*S rows of kv (sequence b only selects rows b*S .. b*S+S-1), -1 where fewer keys exist."""
         q = _gather_heads(q.detach())
         kv = kv.detach()
-        backend = self.config.backend_for(q.device)
+        backend = self.config.indexer_backend_for(q.device, seqlen)
         out = []
         for b in range(batch):
             rows = slice(b * seqlen, (b + 1) * seqlen)

@@ -210,8 +210,8 @@ def pretrain(argv=None) -> dict:
         print(
             f"NSMLA: {n_params / 1e6:.2f}M parameters per TP rank | layers "
             f"{''.join('S' if m.variant == 'nsmla' else 'D' for m in model.modules() if isinstance(m, NSMLASelfAttention))}"
-            f" | topk {args.nsmla_topk} ({args.nsmla_scoring}) | kernels (attention and indexer): "
-            f"{model.config.backend_for(device)} | seq {args.seq_length} | global batch "
+            f" | topk {args.nsmla_topk} ({args.nsmla_scoring}) | kernels: attention "
+            f"{model.config.backend_for(device)}, indexer {model.config.indexer_backend_for(device, args.seq_length)} | seq {args.seq_length} | global batch "
             f"{args.global_batch_size} | device {device} | world {dist.get_world_size()} "
             f"(TP {args.tensor_model_parallel_size}) | start iter {start}",
             flush=True,

@@ -161,3 +161,20 @@ def test_triton_backend_matches_reference_backend(single_process):
     assert_close("d hidden", dh_r, dh_t, 1e-5)
     for name in g_r:
         assert_close(f"d {name}", g_r[name], g_t[name], 1e-5)
+
+
+def test_auto_backend_keeps_reference_topk_on_short_sequences():
+    """auto: Triton attention on CUDA when the latent sizes suit it; the Triton top-k only from
+    TRITON_TOPK_MIN_KEYS keys on; an explicit backend is taken as given."""
+    from megatron_ext.config import TRITON_TOPK_MIN_KEYS
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    auto = tiny_config(kv_lora_rank=32, qk_pos_emb_head_dim=16)
+    assert auto.backend_for(cuda) == "triton" and auto.backend_for(cpu) == "reference"
+    assert auto.indexer_backend_for(cuda, TRITON_TOPK_MIN_KEYS - 1) == "reference"
+    assert auto.indexer_backend_for(cuda, TRITON_TOPK_MIN_KEYS) == "triton"
+    assert auto.indexer_backend_for(cpu, TRITON_TOPK_MIN_KEYS) == "reference"
+    odd = tiny_config()  # kv_lora_rank 24: not a power of two
+    assert odd.indexer_backend_for(cuda, TRITON_TOPK_MIN_KEYS) == "reference"
+    forced = tiny_config(kv_lora_rank=32, qk_pos_emb_head_dim=16, kernel_backend="triton")
+    assert forced.indexer_backend_for(cuda, 16) == "triton"

@@ -95,13 +95,17 @@ def test_retries_recover_from_a_bad_first_threshold(monkeypatch, start):
     first = streaming._first_thresholds
 
     def skewed(runner, n_keys, topk):
-        grid, tw = first(runner, n_keys, topk)
+        grid, tw, std = first(runner, n_keys, topk)
         shift = 1e4 if start == "too_high" else -1e4
-        return grid + shift, tw + shift
+        return grid + shift, tw + shift, std
 
     monkeypatch.setattr(streaming, "_first_thresholds", skewed)
+    before = dict(streaming.PASS_COUNTS)
     got = native_topk_triton(q.to(DEVICE), kv.to(DEVICE), k, "logit_sum", 1.0, off).cpu()
     check_rows(got, native_topk_reference(q, kv, k, "logit_sum", 1.0, off), None, k)
+    # Recovered by the retries themselves, not by the reference fallback, and more than one pass ran.
+    assert streaming.PASS_COUNTS["fallback"] == before.get("fallback", 0)
+    assert streaming.PASS_COUNTS[2] > before.get(2, 0)
 
 
 def test_all_scores_tied_falls_back_exactly():

@@ -24,6 +24,14 @@ else:
     SHAPES = [(7, 40, 8, 32, 16, 37), (5, 70, 16, 64, 16, 64 + 5), (3, 20, 3, 16, 16, 20)]
 
 
+def problem(shape, dtype):
+    """Fresh random (q, kv, idx, dout) on the CPU for shape (T, L, H, d_v, d_rope, k)."""
+    T, L, H, d_v, d_rope, k = shape
+    gen = torch.Generator().manual_seed(fresh_seed())
+    q, kv, idx = make_inputs(T, L, H, d_v + d_rope, k, dtype, gen)
+    return q, kv, idx, torch.randn(T, H, d_v, generator=gen).to(dtype)
+
+
 def make_inputs(T, L, H, D, k, dtype, gen):
     q = torch.randn(T, H, D, generator=gen).to(dtype)
     kv = torch.randn(L, D, generator=gen).to(dtype)
@@ -44,11 +52,9 @@ def run(fn, q, kv, idx, scale, d_v, dout):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "T{}-L{}-H{}-dv{}-dr{}-k{}".format(*s))
 def test_triton_matches_reference(shape, dtype):
-    T, L, H, d_v, d_rope, k = shape
-    D = d_v + d_rope
-    gen = torch.Generator().manual_seed(fresh_seed())
-    q, kv, idx = make_inputs(T, L, H, D, k, dtype, gen)
-    dout = torch.randn(T, H, d_v, generator=gen).to(dtype)
+    T, _, _, d_v, _, _ = shape
+    q, kv, idx, dout = problem(shape, dtype)
+    D = q.shape[-1]
     ref = run(sparse_mla_reference, q, kv, idx, D**-0.5, d_v, dout)
     got = run(sparse_mla_triton, q, kv, idx, D**-0.5, d_v, dout)
     names = ("out", "lse", "dq", "dkv")
@@ -73,6 +79,14 @@ def test_triton_rejects_bad_inputs():
         sparse_mla_triton(q, kv, idx[:3], None, 32)
 
 
+def forward_problem(shape, dtype):
+    """Random inputs on DEVICE and the Triton forward: (q, kv, idx, dout, out, lse)."""
+    from kernels.sparse_mla.triton_impl import sparse_mla_fwd_triton
+
+    q, kv, idx, dout = (x.to(DEVICE) for x in problem(shape, dtype))
+    return (q, kv, idx, dout) + tuple(sparse_mla_fwd_triton(q, kv, idx, q.shape[-1] ** -0.5, dout.shape[-1]))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_deterministic_backward(monkeypatch, dtype):
     """deterministic=True: dkv summed per key in (token, slot) order, over several token chunks
@@ -80,16 +94,27 @@ def test_deterministic_backward(monkeypatch, dtype):
     the reference; dq is unchanged by the option."""
     import kernels.sparse_mla.triton_impl as impl
 
-    T, L, H, d_v, d_rope, k = SHAPES[1]
-    D = d_v + d_rope
-    gen = torch.Generator().manual_seed(fresh_seed())
-    q, kv, idx = make_inputs(T, L, H, D, k, dtype, gen)
-    dout = torch.randn(T, H, d_v, generator=gen).to(dtype)
-    q, kv, idx, dout = (x.to(DEVICE) for x in (q, kv, idx, dout))
-    out, lse = impl.sparse_mla_fwd_triton(q, kv, idx, D**-0.5, d_v)
+    q, kv, idx, dout, out, lse = forward_problem(SHAPES[1], dtype)
+    T, H, D = q.shape
+    k, d_v = idx.shape[1], dout.shape[-1]
     monkeypatch.setattr(impl, "PARTIAL_BYTES", max(1, T // 3) * k * D * 4)
     runs = [impl.sparse_mla_bwd_triton(q, kv, idx, D**-0.5, d_v, out, lse, dout, deterministic=True) for _ in range(2)]
     assert torch.equal(runs[0][1], runs[1][1]) and torch.equal(runs[0][0], runs[1][0])
     ref = run(sparse_mla_reference, q.cpu(), kv.cpu(), idx.cpu(), D**-0.5, d_v, dout.cpu())
     assert_close("dkv (deterministic)", ref[3], runs[0][1].float().cpu(), BOUND[dtype])
     assert_close("dq (deterministic)", ref[2], runs[0][0].float().cpu(), BOUND[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [SHAPES[0], SHAPES[-1]], ids=lambda s: "T{}-L{}-H{}-dv{}-dr{}-k{}".format(*s))
+def test_fused_dkv_backward(shape, dtype):
+    """The dq kernel adding dK/dV itself (config dkv None, atomic mode) against the reference."""
+    import kernels.sparse_mla.triton_impl as impl
+
+    q, kv, idx, dout, out, lse = forward_problem(shape, dtype)
+    H, D, d_v = q.shape[1], q.shape[2], dout.shape[-1]
+    dq_cfg = impl.split_dkv_config(H, q.element_size())  # 64-key tiles do not fit with FUSE_DKV
+    dq, dkv = impl.sparse_mla_bwd_triton(q, kv, idx, D**-0.5, d_v, out, lse, dout, (dq_cfg, None), deterministic=False)
+    ref = run(sparse_mla_reference, q.cpu(), kv.cpu(), idx.cpu(), D**-0.5, d_v, dout.cpu())
+    assert_close("dq (fused)", ref[2], dq.float().cpu(), BOUND[dtype])
+    assert_close("dkv (fused)", ref[3], dkv.float().cpu(), BOUND[dtype])

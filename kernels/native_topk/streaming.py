@@ -33,7 +33,7 @@ MAIN_GRID = 16
 TARGET = 1.3  # write threshold aims at TARGET * k candidates ...
 CAP = 2  # ... into CAP * k buffer slots
 MAX_TRIES = 6
-BUFFER_BYTES = 1 << 28  # candidate buffers of one chunk of rows
+BUFFER_BYTES = 1 << 30  # candidate buffers of one chunk of rows (32k rows at k = 2048)
 
 # Rows that needed main pass number i (key i) or the reference ("fallback"), since import;
 # benchmarks print it to show how often the first threshold misses on their data.
@@ -64,7 +64,7 @@ def _operand(q: torch.Tensor, kv: torch.Tensor, mode: str, d_pad: int):
     logit_sum A = [T, P * d_pad], the P parts of sum_h q side by side, zero-padded."""
     if mode == "prob_sum":
         return q.to(kv.dtype).transpose(0, 1), q.shape[1]
-    qs = q.float().sum(dim=1)
+    qs = q.sum(dim=1, dtype=torch.float32)  # no fp32 copy of all of q
     parts = [qs] if kv.dtype == torch.float32 else [qs.to(kv.dtype)]
     if kv.dtype != torch.float32:
         parts.append((qs - parts[0].float()).to(kv.dtype))
@@ -128,7 +128,8 @@ class _Rows:
 
 
 def _first_thresholds(runner: _Rows, n_keys: torch.Tensor, topk: int):
-    """From the sample: main-pass grid [R, MAIN_GRID] and write threshold [R] (both ascending)."""
+    """From the sample: main-pass grid [R, MAIN_GRID] (ascending), write threshold [R] and the
+    sample's score std [R] (the scale by which retries widen their search)."""
     stats = runner.run(0, key_step=SAMPLE_STEP)["stats"]
     n_s, mean = stats[:, 0].clamp(min=1), stats[:, 1] / stats[:, 0].clamp(min=1)
     std = (stats[:, 2] / n_s - mean * mean).clamp(min=0).sqrt()
@@ -141,10 +142,10 @@ def _first_thresholds(runner: _Rows, n_keys: torch.Tensor, topk: int):
     est = runner.run(1, key_step=SAMPLE_STEP, th=grid)["counts"].float() * (n_keys.float() / n_s)[:, None]
     j_w = ((est >= target).sum(1) - 1).clamp(min=0)
     pick = (j_w[:, None] - MAIN_GRID // 2 + 1 + torch.arange(MAIN_GRID, device=grid.device)).clamp(0, SAMPLE_GRID - 1)
-    return grid.gather(1, pick), grid.gather(1, j_w[:, None]).squeeze(1)
+    return grid.gather(1, pick), grid.gather(1, j_w[:, None]).squeeze(1), std
 
 
-def _next_thresholds(th, counts, rmax, topk: int, cap: int):
+def _next_thresholds(th, counts, rmax, std, topk: int, cap: int):
     """Refined (grid, tw) for rows whose candidates did not fit, from exact counts at thresholds th."""
     th, order = torch.sort(th, dim=1)
     counts = counts.gather(1, order).long()
@@ -157,9 +158,13 @@ def _next_thresholds(th, counts, rmax, topk: int, cap: int):
     b = torch.where(has_b, th.gather(1, (a_i + 1).clamp(max=n_th - 1)[:, None]).squeeze(1),
                     torch.nextafter(rmax, torch.full_like(rmax, float("inf"))))
     c_b = torch.where(has_b, counts.gather(1, (a_i + 1).clamp(max=n_th - 1)[:, None]).squeeze(1), 0)
-    width = (th[:, -1] - th[:, 0]).abs() + th[:, 0].abs() * 1e-3 + 1e-6
-    a = torch.where(has_a, a, th[:, 0] - 4 * width)  # below every threshold tried: widen downwards
-    b = torch.where(has_a, b, th[:, 0])
+    # No threshold kept k keys: the k-th score lies below min(th[0], row max). Widen downwards by
+    # 4x the larger of the grid's span and the score std, from the row max when the grid lies above it.
+    top = torch.minimum(th[:, 0], rmax)
+    width = torch.maximum((th[:, -1] - th[:, 0]).abs(), std) + top.abs() * 1e-3 + 1e-6
+    a = torch.where(has_a, a, top - 4 * width)
+    b = torch.where(has_a, b, torch.where(th[:, 0] > rmax, torch.nextafter(rmax, torch.full_like(rmax, float("inf"))),
+                                          th[:, 0]))
     steps = torch.arange(1, MAIN_GRID + 1, device=th.device)[None, :] / (MAIN_GRID + 1)
     grid = a[:, None] + (b - a)[:, None] * steps
     frac = ((c_a - TARGET * topk) / (c_a - c_b).clamp(min=1)).clamp(0, 1).float()
@@ -172,10 +177,12 @@ def _select(res: dict, slots, rows, out, topk: int, cap: int, grid) -> None:
     thresholds grid [R, J])."""
     # The highest threshold that still keeps >= topk keys bounds the k-th score from below.
     lower = torch.where(res["counts"] >= topk, grid, float("-inf")).amax(1)
+    # The lowest threshold keeping < topk keys bounds it from above.
+    upper = torch.where(res["counts"] < topk, grid, float("inf")).amin(1)
     cp = triton.next_power_of_2(cap)
     rb = max(1, min(4, 8192 // cp))  # rows per program: amortises the bisection's reductions
     _select_kernel[(triton.cdiv(slots.numel(), rb),)](
-        res["buf_v"], res["buf_i"], res["count_w"], lower, slots, rows, out, slots.numel(), topk, res["buf_v"].stride(0),
+        res["buf_v"], res["buf_i"], res["count_w"], lower, upper, slots, rows, out, slots.numel(), topk, res["buf_v"].stride(0),
         out.stride(0), RB=rb, CP=cp, num_warps=min(16, max(4, rb * cp // 1024)))
 
 
@@ -184,7 +191,7 @@ def _select_rows(A, kv, q, rows, topk, mode, scale, q_offset, out, cfg):
     cap = CAP * topk
     runner = _Rows(A, kv, rows, q_offset, scale, mode, cfg)
     n_keys = (rows.long() + q_offset + 1).clamp(max=kv.shape[0])
-    grid, tw = _first_thresholds(runner, n_keys, topk)
+    grid, tw, std = _first_thresholds(runner, n_keys, topk)
     for attempt in range(MAX_TRIES):
         PASS_COUNTS[attempt + 1] += runner.R
         res = runner.run(2, th=grid, tw=tw, cap=cap)
@@ -197,7 +204,8 @@ def _select_rows(A, kv, q, rows, topk, mode, scale, q_offset, out, cfg):
             return
         th = torch.cat([grid[bad], tw[bad, None]], 1)
         counts = torch.cat([res["counts"][bad], res["count_w"][bad, None]], 1)
-        grid, tw = _next_thresholds(th, counts, res["rmax"][bad], topk, cap)
+        std = std[bad]
+        grid, tw = _next_thresholds(th, counts, res["rmax"][bad], std, topk, cap)
         runner = runner.subset(bad)
     PASS_COUNTS["fallback"] += runner.R
     for r in runner.rows.tolist():  # unresolved after MAX_TRIES: more than cap - k ties at the k-th score

@@ -73,8 +73,10 @@ def _scores(A, KV, LSE2, slots, rows, row_ok, keys, key_ok, valid, P, scale_log2
 
 @triton.jit
 def _row_block(ROWS, R, L, q_offset, BM: tl.constexpr):
-    """Slots, row ids, validity and causal key counts [BM] of program 0's block of rows."""
-    slots = tl.program_id(0) * BM + tl.arange(0, BM)
+    """Slots, row ids, validity and causal key counts [BM] of this program's block of rows.
+    Programs take row blocks last first: the last rows have the most causal keys, so they start
+    first and the short blocks fill in behind them (causal load balance)."""
+    slots = (tl.num_programs(0) - 1 - tl.program_id(0)) * BM + tl.arange(0, BM)
     row_ok = slots < R
     rows = tl.load(ROWS + slots, mask=row_ok, other=0).to(tl.int64)  # rows * strides may pass 2^31
     n_keys = tl.where(row_ok, tl.minimum(rows + q_offset + 1, L), 0)
@@ -161,13 +163,15 @@ def _score_pass_kernel(
 
 
 @triton.jit
-def _select_kernel(BUF_V, BUF_I, CNT_W, LOWER, SLOTS, ROWS, OUT, n_slots, topk, stride_buf, stride_out,
+def _select_kernel(BUF_V, BUF_I, CNT_W, LOWER, UPPER, SLOTS, ROWS, OUT, n_slots, topk, stride_buf, stride_out,
                    RB: tl.constexpr, CP: tl.constexpr):
     """Exact top-k of the candidates of RB rows (topk <= count <= CP each), in ascending key order.
 
     fp32 scores map to int32 keys that order like the floats (negative floats get their magnitude
     bits flipped); bisection finds each row's k-th largest key v; the row takes every key above v
-    and, of those equal to v, the lowest-indexed ones (the buffer is in ascending key order)."""
+    and, of those equal to v, the lowest-indexed ones (the buffer is in ascending key order).
+    LOWER/UPPER [slots]: scores known to satisfy count(>= lower) >= topk > count(>= upper) (from the
+    main pass's exact counts); they narrow the bisection's starting range, so it takes fewer steps."""
     r = tl.program_id(0) * RB + tl.arange(0, RB)
     r_ok = r < n_slots
     slot = tl.load(SLOTS + r, mask=r_ok, other=0)
@@ -184,10 +188,13 @@ def _select_kernel(BUF_V, BUF_I, CNT_W, LOWER, SLOTS, ROWS, OUT, n_slots, topk, 
     lbits = lower.to(tl.int32, bitcast=True)
     lo = tl.maximum(tl.min(tl.where(ok, key, 2147483647), 1), tl.where(lbits < 0, lbits ^ 0x7FFFFFFF, lbits))
     lo = lo.to(tl.int64)
-    hi = tl.max(key, 1).to(tl.int64)
+    upper = tl.load(UPPER + slot, mask=r_ok, other=float("inf")) + 0.0
+    ubits = upper.to(tl.int32, bitcast=True)
+    # count(>= upper) < topk, so the k-th key is below upper's key.
+    hi = tl.minimum(tl.max(key, 1), tl.where(ubits < 0, ubits ^ 0x7FFFFFFF, ubits) - 1).to(tl.int64)
     # Invariant: count(key >= lo) >= topk >= count(key > hi); each step halves hi - lo.
     # ceil(log2(widest span)) steps, one spare for the float rounding of the log.
-    steps = tl.ceil(tl.log2(tl.max(hi - lo + 1).to(tl.float32))).to(tl.int32) + 1
+    steps = tl.ceil(tl.log2(tl.maximum(tl.max(hi - lo + 1), 1).to(tl.float32))).to(tl.int32) + 1
     for _ in range(0, steps):  # invariant: count(key >= lo) >= topk; hi - lo < 2^32 halves each step
         mid = (lo + hi + 1) >> 1
         enough = tl.sum((key >= mid.to(tl.int32)[:, None]).to(tl.int32), 1) >= topk

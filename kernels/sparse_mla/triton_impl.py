@@ -106,13 +106,16 @@ def _probs_and_dscores(q_nope, q_pe, do, lse2, delta, k_nope, k_pe, valid, h_ok,
 
 @triton.jit
 def _sparse_mla_bwd_dq_kernel(
-    Q, KV, IDX, DO, LSE, DELTA, DQ,
+    Q, KV, IDX, DO, LSE, DELTA, DQ, DKV,
     scale, scale_log2, H, TOPK,
-    stride_qt, stride_qh, stride_kv, stride_it, stride_dot, stride_doh, stride_lt,
+    stride_qt, stride_qh, stride_kv, stride_it, stride_dot, stride_doh, stride_lt, stride_dkv,
     D_V: tl.constexpr, D_ROPE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
-    DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
+    DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, FUSE_DKV: tl.constexpr,
 ):
-    """dq for one token and BLOCK_H heads: a loop over its key blocks, no atomics."""
+    """dq for one token and BLOCK_H heads: a loop over its key blocks. With FUSE_DKV the same loop
+    also adds this head block's dK/dV of each key block into dkv [L, D] (fp32, relaxed atomics):
+    q, dO and P are already at hand, at the price of H/BLOCK_H atomic adds per (token, key,
+    column) instead of the one of `_sparse_mla_bwd_dkv_kernel`."""
     t = tl.program_id(0).to(tl.int64)  # t * stride_qt passes 2^31 at T*H*D >= 2^31
     heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     h_ok = heads < H
@@ -122,12 +125,19 @@ def _sparse_mla_bwd_dq_kernel(
     dq_pe = tl.zeros([BLOCK_H, D_ROPE], tl.float32)
     for start in range(0, TOPK, BLOCK_K):
         slots = start + tl.arange(0, BLOCK_K)
-        valid, _, k_nope, k_pe = _load_key_block(IDX, KV, t, slots, TOPK, stride_it, stride_kv, D_V, D_ROPE)
-        _, ds = _probs_and_dscores(q_nope, q_pe, do, lse2, delta, k_nope, k_pe, valid, h_ok, scale, scale_log2,
+        valid, safe, k_nope, k_pe = _load_key_block(IDX, KV, t, slots, TOPK, stride_it, stride_kv, D_V, D_ROPE)
+        p, ds = _probs_and_dscores(q_nope, q_pe, do, lse2, delta, k_nope, k_pe, valid, h_ok, scale, scale_log2,
                                    DOT_FP32, PRECISION)
         ds_lo = ds.to(k_nope.dtype)
         dq_nope += _dot(ds_lo, k_nope, DOT_FP32, PRECISION)
         dq_pe += _dot(ds_lo, k_pe, DOT_FP32, PRECISION)
+        if FUSE_DKV:
+            ds_t = tl.trans(ds_lo)
+            dk_nope = _dot(ds_t, q_nope, DOT_FP32, PRECISION) + _dot(tl.trans(p.to(do.dtype)), do, DOT_FP32, PRECISION)
+            dk_pe = _dot(ds_t, q_pe, DOT_FP32, PRECISION)
+            rows = DKV + safe[:, None] * stride_dkv
+            tl.atomic_add(rows + tl.arange(0, D_V)[None, :], dk_nope, mask=valid[:, None], sem="relaxed")
+            tl.atomic_add(rows + D_V + tl.arange(0, D_ROPE)[None, :], dk_pe, mask=valid[:, None], sem="relaxed")
     dq_row = DQ + t * stride_qt + heads[:, None] * stride_qh
     tl.store(dq_row + tl.arange(0, D_V)[None, :], dq_nope.to(DQ.dtype.element_ty), mask=h_ok[:, None])
     tl.store(dq_row + D_V + tl.arange(0, D_ROPE)[None, :], dq_pe.to(DQ.dtype.element_ty), mask=h_ok[:, None])
@@ -204,15 +214,25 @@ def check_triton_inputs(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor
 
 def default_config(heads: int, backward: bool, elem_bytes: int = 2):
     """Forward: (BLOCK_H, BLOCK_K, num_warps, num_stages). Backward: that tuple for the dq kernel and
-    one for the dkv kernel. 16-bit inputs: the best of `benchmarks/bench_sparse_mla.py --sweep 128 16`
-    on an H100 (kernels/sparse_mla/NOTES.md). fp32 tiles are twice as large, so fp32 takes 32-key
-    tiles and one stage to fit the 227 KB of shared memory a block may use."""
+    one for the dkv kernel; a dkv entry of None makes the dq kernel add dkv itself (FUSE_DKV). The
+    default keeps them split: fusing won at h16 on random indices but lost on the indexer's
+    (kernels/sparse_mla/NOTES.md). 16-bit inputs: the best of `benchmarks/bench_sparse_mla.py
+    --sweep 128 16` on an H100. fp32 tiles are twice as large, so fp32 takes 32-key tiles and one
+    stage to fit the 227 KB of shared memory a block may use."""
     block_h = min(max(16, triton.next_power_of_2(heads)), 64)
-    if elem_bytes > 2:
-        return (block_h, 32, 8, 1) if not backward else ((min(block_h, 32), 32, 8, 1),) * 2
     if not backward:
+        if elem_bytes > 2:
+            return (block_h, 32, 8, 1)
         return (block_h, 64, 8, 2) if block_h > 16 else (16, 64, 4, 2)
-    return (16, 64, 4, 2), (16, 32, 4, 2)
+    return ((min(block_h, 32), 32, 8, 1) if elem_bytes > 2 else (16, 64, 4, 2)), split_dkv_config(heads, elem_bytes)
+
+
+def split_dkv_config(heads: int, elem_bytes: int = 2):
+    """Tiles of the separate dkv kernel (the deterministic path always uses it); also the tiles that
+    fit the dq kernel with FUSE_DKV (its 64-key tiles exceed shared memory)."""
+    if elem_bytes > 2:
+        return (min(min(max(16, triton.next_power_of_2(heads)), 64), 32), 32, 8, 1)
+    return (16, 32, 4, 2)
 
 
 def sparse_mla_fwd_triton(q, kv, indices, scale: float, d_v: int, config=None):
@@ -247,7 +267,8 @@ def sparse_mla_bwd_triton(q, kv, indices, scale: float, d_v: int, out, lse, dout
     runs. deterministic=True (None: follow torch.are_deterministic_algorithms_enabled()) instead
     stores each (token, slot) row and sums every key's rows in (token, slot) order, chunk by chunk
     of tokens: bit-identical across runs, at the cost of writing and reading T*k*D*4 bytes.
-    `config` is ((BLOCK_H, BLOCK_K, warps, stages) for dq, the same for dkv)."""
+    `config` is ((BLOCK_H, BLOCK_K, warps, stages) for dq, the same for dkv); dkv None: the dq kernel
+    adds dkv itself (FUSE_DKV) unless deterministic."""
     if deterministic is None:
         deterministic = torch.are_deterministic_algorithms_enabled()
     q, kv, indices = q.contiguous(), kv.contiguous(), indices.contiguous().to(torch.int32)
@@ -260,6 +281,9 @@ def sparse_mla_bwd_triton(q, kv, indices, scale: float, d_v: int, out, lse, dout
     dq = torch.empty_like(q)
     dkv = torch.zeros(kv.shape, dtype=torch.float32, device=kv.device)
     dq_cfg, dkv_cfg = config or default_config(H, True, q.element_size())
+    fuse = dkv_cfg is None and not deterministic  # dkv added by the dq kernel (atomic mode only)
+    if dkv_cfg is None and deterministic:
+        dkv_cfg = split_dkv_config(H, q.element_size())
     common = dict(D_V=d_v, D_ROPE=D - d_v, DOT_FP32=_interpreting(),
                   PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
     lse = lse.contiguous()
@@ -267,9 +291,11 @@ def sparse_mla_bwd_triton(q, kv, indices, scale: float, d_v: int, out, lse, dout
             dout.stride(0), dout.stride(1), lse.stride(0))
     block_h, block_k, warps, stages = dq_cfg
     _sparse_mla_bwd_dq_kernel[(T, triton.cdiv(H, block_h))](
-        q, kv, indices, dout, lse, delta, dq, *args,
-        BLOCK_H=block_h, BLOCK_K=block_k, num_warps=warps, num_stages=stages, **common,
+        q, kv, indices, dout, lse, delta, dq, dkv, *args, dkv.stride(0),
+        BLOCK_H=block_h, BLOCK_K=block_k, num_warps=warps, num_stages=stages, FUSE_DKV=fuse, **common,
     )
+    if fuse:
+        return dq, dkv.to(kv.dtype)
     block_h, block_k, warps, stages = dkv_cfg
     dkv_opts = dict(BLOCK_H=block_h, BLOCK_K=block_k, num_warps=warps, num_stages=stages, **common)
     if not deterministic:
