@@ -155,16 +155,15 @@ def _next_thresholds(th, counts, rmax, std, topk: int, cap: int):
     a = th.gather(1, a_i.clamp(min=0)[:, None]).squeeze(1)
     c_a = counts.gather(1, a_i.clamp(min=0)[:, None]).squeeze(1)
     has_b = a_i + 1 < n_th
-    b = torch.where(has_b, th.gather(1, (a_i + 1).clamp(max=n_th - 1)[:, None]).squeeze(1),
-                    torch.nextafter(rmax, torch.full_like(rmax, float("inf"))))
+    above_max = torch.nextafter(rmax, torch.full_like(rmax, float("inf")))  # count(>= it) = 0
+    b = torch.where(has_b, th.gather(1, (a_i + 1).clamp(max=n_th - 1)[:, None]).squeeze(1), above_max)
     c_b = torch.where(has_b, counts.gather(1, (a_i + 1).clamp(max=n_th - 1)[:, None]).squeeze(1), 0)
     # No threshold kept k keys: the k-th score lies below min(th[0], row max). Widen downwards by
     # 4x the larger of the grid's span and the score std, from the row max when the grid lies above it.
     top = torch.minimum(th[:, 0], rmax)
     width = torch.maximum((th[:, -1] - th[:, 0]).abs(), std) + top.abs() * 1e-3 + 1e-6
     a = torch.where(has_a, a, top - 4 * width)
-    b = torch.where(has_a, b, torch.where(th[:, 0] > rmax, torch.nextafter(rmax, torch.full_like(rmax, float("inf"))),
-                                          th[:, 0]))
+    b = torch.where(has_a, b, torch.where(th[:, 0] > rmax, above_max, th[:, 0]))
     steps = torch.arange(1, MAIN_GRID + 1, device=th.device)[None, :] / (MAIN_GRID + 1)
     grid = a[:, None] + (b - a)[:, None] * steps
     frac = ((c_a - TARGET * topk) / (c_a - c_b).clamp(min=1)).clamp(0, 1).float()

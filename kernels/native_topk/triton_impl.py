@@ -163,12 +163,19 @@ def _score_pass_kernel(
 
 
 @triton.jit
+def _ordered_key(x):
+    """fp32 -> int32 that orders like the floats (negative floats get their magnitude bits
+    flipped; -0.0 is first made +0.0 so that it equals +0.0)."""
+    bits = (x + 0.0).to(tl.int32, bitcast=True)
+    return tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+
+
+@triton.jit
 def _select_kernel(BUF_V, BUF_I, CNT_W, LOWER, UPPER, SLOTS, ROWS, OUT, n_slots, topk, stride_buf, stride_out,
                    RB: tl.constexpr, CP: tl.constexpr):
     """Exact top-k of the candidates of RB rows (topk <= count <= CP each), in ascending key order.
 
-    fp32 scores map to int32 keys that order like the floats (negative floats get their magnitude
-    bits flipped); bisection finds each row's k-th largest key v; the row takes every key above v
+    fp32 scores map to int32 keys that order like the floats (`_ordered_key`); bisection finds each row's k-th largest key v; the row takes every key above v
     and, of those equal to v, the lowest-indexed ones (the buffer is in ascending key order).
     LOWER/UPPER [slots]: scores known to satisfy count(>= lower) >= topk > count(>= upper) (from the
     main pass's exact counts); they narrow the bisection's starting range, so it takes fewer steps."""
@@ -180,18 +187,13 @@ def _select_kernel(BUF_V, BUF_I, CNT_W, LOWER, UPPER, SLOTS, ROWS, OUT, n_slots,
     offs = tl.arange(0, CP)
     ok = (offs[None, :] < count[:, None]) & r_ok[:, None]
     buf = slot[:, None] * stride_buf + offs[None, :]
-    v = tl.load(BUF_V + buf, mask=ok, other=0.0) + 0.0  # -0.0 -> +0.0
-    bits = v.to(tl.int32, bitcast=True)
-    key = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+    key = _ordered_key(tl.load(BUF_V + buf, mask=ok, other=0.0))
     key = tl.where(ok, key, -2147483647 - 1)  # below every real score's key
-    lower = tl.load(LOWER + slot, mask=r_ok, other=float("-inf")) + 0.0
-    lbits = lower.to(tl.int32, bitcast=True)
-    lo = tl.maximum(tl.min(tl.where(ok, key, 2147483647), 1), tl.where(lbits < 0, lbits ^ 0x7FFFFFFF, lbits))
-    lo = lo.to(tl.int64)
-    upper = tl.load(UPPER + slot, mask=r_ok, other=float("inf")) + 0.0
-    ubits = upper.to(tl.int32, bitcast=True)
+    lower = _ordered_key(tl.load(LOWER + slot, mask=r_ok, other=float("-inf")))
+    lo = tl.maximum(tl.min(tl.where(ok, key, 2147483647), 1), lower).to(tl.int64)
     # count(>= upper) < topk, so the k-th key is below upper's key.
-    hi = tl.minimum(tl.max(key, 1), tl.where(ubits < 0, ubits ^ 0x7FFFFFFF, ubits) - 1).to(tl.int64)
+    upper = _ordered_key(tl.load(UPPER + slot, mask=r_ok, other=float("inf")))
+    hi = tl.minimum(tl.max(key, 1), upper - 1).to(tl.int64)
     # Invariant: count(key >= lo) >= topk >= count(key > hi); each step halves hi - lo.
     # ceil(log2(widest span)) steps, one spare for the float rounding of the log.
     steps = tl.ceil(tl.log2(tl.maximum(tl.max(hi - lo + 1), 1).to(tl.float32))).to(tl.int32) + 1

@@ -219,20 +219,26 @@ def default_config(heads: int, backward: bool, elem_bytes: int = 2):
     (kernels/sparse_mla/NOTES.md). 16-bit inputs: the best of `benchmarks/bench_sparse_mla.py
     --sweep 128 16` on an H100. fp32 tiles are twice as large, so fp32 takes 32-key tiles and one
     stage to fit the 227 KB of shared memory a block may use."""
-    block_h = min(max(16, triton.next_power_of_2(heads)), 64)
+    block_h = _head_block(heads)
     if not backward:
         if elem_bytes > 2:
             return (block_h, 32, 8, 1)
         return (block_h, 64, 8, 2) if block_h > 16 else (16, 64, 4, 2)
-    return ((min(block_h, 32), 32, 8, 1) if elem_bytes > 2 else (16, 64, 4, 2)), split_dkv_config(heads, elem_bytes)
+    dq = (min(block_h, 32), 32, 8, 1) if elem_bytes > 2 else (16, 64, 4, 2)
+    return dq, split_dkv_config(heads, elem_bytes)
 
 
 def split_dkv_config(heads: int, elem_bytes: int = 2):
     """Tiles of the separate dkv kernel (the deterministic path always uses it); also the tiles that
     fit the dq kernel with FUSE_DKV (its 64-key tiles exceed shared memory)."""
     if elem_bytes > 2:
-        return (min(min(max(16, triton.next_power_of_2(heads)), 64), 32), 32, 8, 1)
+        return (min(_head_block(heads), 32), 32, 8, 1)
     return (16, 32, 4, 2)
+
+
+def _head_block(heads: int) -> int:
+    """Heads per program: the head count rounded up to a power of two, within [16, 64]."""
+    return min(max(16, triton.next_power_of_2(heads)), 64)
 
 
 def sparse_mla_fwd_triton(q, kv, indices, scale: float, d_v: int, config=None):
