@@ -72,7 +72,9 @@ def bench_heads(H, T, L, k, scale, sweep, dev, gen, common):
     grid = [c for c in itertools.product((16, 32, 64), (32, 64), (4, 8), (1, 2)) if c[0] <= top_h] if sweep else []
     # A whole 128-head block per program halves the key gathers; its accumulator needs 16 warps.
     fwd_cfgs += grid + ([(128, bk, 16, st) for bk in (32, 64) for st in (1, 2)] if sweep and H >= 128 else [])
-    bwd_grid = [c for c in grid if c[0] <= 32]
+    dq_grid = grid
+    # dkv kernel (pass 2): (BLOCK_K, BLOCK_C, num_warps, num_stages).
+    dkv_grid = list(itertools.product((32, 64, 128), (32, 64, 128), (4, 8), (1, 2))) if sweep else []
 
     def best(fn, cfgs):
         timed = []
@@ -88,8 +90,8 @@ def bench_heads(H, T, L, k, scale, sweep, dev, gen, common):
 
     fwd_ms, fwd_cfg = best(lambda c: sparse_mla_fwd_triton(q, kv, idx, scale, D_V, c), fwd_cfgs)
     # The two backward kernels are tuned one after the other (dq first, holding dkv at its default).
-    _, (dq_cfg, _) = best(bwd, [(dq_default, dkv_default)] + [(c, dkv_default) for c in bwd_grid])
-    bwd_ms, bwd_cfg = best(bwd, [(dq_cfg, dkv_default)] + [(dq_cfg, c) for c in bwd_grid])
+    _, (dq_cfg, _) = best(bwd, [(dq_default, dkv_default)] + [(c, dkv_default) for c in dq_grid])
+    bwd_ms, bwd_cfg = best(bwd, [(dq_cfg, dkv_default)] + [(dq_cfg, c) for c in dkv_grid])
 
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()

@@ -3,9 +3,8 @@
 
     python benchmarks/profile_sparse_mla_bwd.py --heads 128 16 --configs 16,64,4,2/16,32,4,2
 
-A config is dq/dkv, each BLOCK_H,BLOCK_K,num_warps,num_stages (as default_config returns them);
-dkv "fused" lets the dq kernel add dkv itself (atomic mode; the deterministic run then uses the
-default dkv kernel).
+A config is dq/dkv as default_config returns them: BLOCK_H,BLOCK_K,num_warps,num_stages for the dq
+kernel (pass 1) and BLOCK_K,BLOCK_C,num_warps,num_stages for the dkv kernel (pass 2).
 Same problem as bench_sparse_mla.py (T query rows at the end of an L-key context, k random
 distinct causal keys each). Prints one line per heads x config with the milliseconds of each
 kernel (median over --reps profiled runs; atomic and deterministic dkv both). Writes no file.
@@ -72,7 +71,7 @@ def main() -> None:
         out, lse = sparse_mla_fwd_triton(q, kv, idx, scale, D_V)
         dout = torch.randn_like(out)
         flops = 2 * T * H * k * (3 * (D_V + D_ROPE) + 2 * D_V)
-        configs = [tuple(None if part == "fused" else tuple(int(x) for x in part.split(",")) for part in c.split("/"))
+        configs = [tuple(tuple(int(x) for x in part.split(",")) for part in c.split("/"))
                    for c in opts.configs]
         for cfg in configs or [default_config(H, True)]:
             for det in (False, True):

@@ -4,6 +4,10 @@ Math as in README.md and reference.py. One program handles one query token and a
 BLOCK_H heads: since every head attends over the same selected latent keys, a key tile gathered
 once serves all heads of the block, and the tile's first D_V columns double as the values.
 
+The backward runs in two passes per chunk of tokens: the dq kernel recomputes P and dS once, keeps
+dq in registers and stores P and dS; the dkv kernel reads them back and reduces dK/dV over all
+heads with MMAs, adding into dkv one column slab at a time so that the atomic adds hit L2.
+
 The softmax runs in base 2 (exp2) with the scale folded into log2(e); lse is returned in natural
 log units, as the reference. Under TRITON_INTERPRET=1 (CPU, used by CI) bf16 tl.dot is not
 reliable, so operands are cast to fp32 first (DOT_FP32).
@@ -44,6 +48,15 @@ def _load_q(Q, t, heads, h_ok, stride_qt, stride_qh, D_V: tl.constexpr, D_ROPE: 
 
 
 @triton.jit
+def _token_and_block(blocks_per_token, pid):
+    """(token row, block within the token) of program `pid` (int64) on a 1-D grid of rows x blocks.
+    The block is the fastest axis, so one token's programs run together and share its gathered keys
+    (or its q/dO) in L2; 1-D because a grid's second axis stops at 65535. int64 because
+    t * stride_qt passes 2^31 at T*H*D >= 2^31."""
+    return pid // blocks_per_token, pid % blocks_per_token
+
+
+@triton.jit
 def _sparse_mla_fwd_kernel(
     Q, KV, IDX, OUT, LSE,
     scale_log2, H, TOPK,
@@ -51,8 +64,8 @@ def _sparse_mla_fwd_kernel(
     D_V: tl.constexpr, D_ROPE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
     DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    t = tl.program_id(0).to(tl.int64)  # t * stride_qt passes 2^31 at T*H*D >= 2^31
-    heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    t, hb = _token_and_block(tl.cdiv(H, BLOCK_H), tl.program_id(0).to(tl.int64))
+    heads = hb * BLOCK_H + tl.arange(0, BLOCK_H)
     h_ok = heads < H
     q_nope, q_pe = _load_q(Q, t, heads, h_ok, stride_qt, stride_qh, D_V, D_ROPE)
 
@@ -81,63 +94,55 @@ def _sparse_mla_fwd_kernel(
 
 
 @triton.jit
-def _load_head_rows(Q, DO, LSE, DELTA, t, heads, h_ok, stride_qt, stride_qh, stride_dot, stride_doh, stride_lt,
+def _load_head_rows(Q, O, DO, LSE, t, heads, h_ok, stride_qt, stride_qh, stride_dot, stride_doh, stride_lt,
                     D_V: tl.constexpr, D_ROPE: tl.constexpr):
-    """One token's q (nope, rope), dO, lse (base 2; +inf where the row had no key) and delta for `heads`."""
+    """One token's q (nope, rope), dO, lse (base 2; +inf where the row had no key) and
+    delta = rowsum(dO * O) (fp32) for `heads`. O and dO share strides."""
     q_nope, q_pe = _load_q(Q, t, heads, h_ok, stride_qt, stride_qh, D_V, D_ROPE)
-    do = tl.load(DO + t * stride_dot + heads[:, None] * stride_doh + tl.arange(0, D_V)[None, :],
-                 mask=h_ok[:, None], other=0.0)
+    o_off = t * stride_dot + heads[:, None] * stride_doh + tl.arange(0, D_V)[None, :]
+    do = tl.load(DO + o_off, mask=h_ok[:, None], other=0.0)
+    o = tl.load(O + o_off, mask=h_ok[:, None], other=0.0)
+    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
     lse = tl.load(LSE + t * stride_lt + heads, mask=h_ok, other=float("inf"))
     lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
-    delta = tl.load(DELTA + t * stride_lt + heads, mask=h_ok, other=0.0)
     return q_nope, q_pe, do, lse2, delta
 
 
 @triton.jit
-def _probs_and_dscores(q_nope, q_pe, do, lse2, delta, k_nope, k_pe, valid, h_ok, scale, scale_log2,
-                       DOT_FP32: tl.constexpr, PRECISION: tl.constexpr):
-    """P [BLOCK_H, BLOCK_K] recomputed from lse, and dS, the gradient of the unscaled logits q.k."""
-    s = _dot(q_nope, tl.trans(k_nope), DOT_FP32, PRECISION) + _dot(q_pe, tl.trans(k_pe), DOT_FP32, PRECISION)
-    p = tl.exp2(s * scale_log2 - lse2[:, None])
-    p = tl.where(valid[None, :] & h_ok[:, None], p, 0.0)
-    dp = _dot(do, tl.trans(k_nope), DOT_FP32, PRECISION)
-    return p, p * (dp - delta[:, None]) * scale
-
-
-@triton.jit
 def _sparse_mla_bwd_dq_kernel(
-    Q, KV, IDX, DO, LSE, DELTA, DQ, DKV,
-    scale, scale_log2, H, TOPK,
-    stride_qt, stride_qh, stride_kv, stride_it, stride_dot, stride_doh, stride_lt, stride_dkv,
+    Q, KV, IDX, O, DO, LSE, DQ, P, DS,
+    scale, scale_log2, H, TOPK, t0,
+    stride_qt, stride_qh, stride_kv, stride_it, stride_dot, stride_doh, stride_lt, stride_pt, stride_ph,
     D_V: tl.constexpr, D_ROPE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
-    DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, FUSE_DKV: tl.constexpr,
+    DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """dq for one token and BLOCK_H heads: a loop over its key blocks. With FUSE_DKV the same loop
-    also adds this head block's dK/dV of each key block into dkv [L, D] (fp32, relaxed atomics):
-    q, dO and P are already at hand, at the price of H/BLOCK_H atomic adds per (token, key,
-    column) instead of the one of `_sparse_mla_bwd_dkv_kernel`."""
-    t = tl.program_id(0).to(tl.int64)  # t * stride_qt passes 2^31 at T*H*D >= 2^31
-    heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    """Pass 1 of the backward, for one token t = t0 + r of the chunk and BLOCK_H heads: a loop over
+    its key blocks that recomputes P from lse, forms dS = P * (dP - delta) * scale, accumulates dq
+    in registers and stores P and dS (in q's dtype, as the dots use them) into P, DS [n, H, TOPK]
+    (row t - t0), so that pass 2 gets dK/dV without recomputing the scores. The head block is the
+    fastest grid axis (`_token_and_block`)."""
+    r, hb = _token_and_block(tl.cdiv(H, BLOCK_H), tl.program_id(0).to(tl.int64))
+    t = t0 + r
+    heads = hb * BLOCK_H + tl.arange(0, BLOCK_H)
     h_ok = heads < H
-    q_nope, q_pe, do, lse2, delta = _load_head_rows(Q, DO, LSE, DELTA, t, heads, h_ok, stride_qt, stride_qh,
+    q_nope, q_pe, do, lse2, delta = _load_head_rows(Q, O, DO, LSE, t, heads, h_ok, stride_qt, stride_qh,
                                                     stride_dot, stride_doh, stride_lt, D_V, D_ROPE)
     dq_nope = tl.zeros([BLOCK_H, D_V], tl.float32)
     dq_pe = tl.zeros([BLOCK_H, D_ROPE], tl.float32)
     for start in range(0, TOPK, BLOCK_K):
         slots = start + tl.arange(0, BLOCK_K)
         valid, safe, k_nope, k_pe = _load_key_block(IDX, KV, t, slots, TOPK, stride_it, stride_kv, D_V, D_ROPE)
-        p, ds = _probs_and_dscores(q_nope, q_pe, do, lse2, delta, k_nope, k_pe, valid, h_ok, scale, scale_log2,
-                                   DOT_FP32, PRECISION)
-        ds_lo = ds.to(k_nope.dtype)
-        dq_nope += _dot(ds_lo, k_nope, DOT_FP32, PRECISION)
-        dq_pe += _dot(ds_lo, k_pe, DOT_FP32, PRECISION)
-        if FUSE_DKV:
-            ds_t = tl.trans(ds_lo)
-            dk_nope = _dot(ds_t, q_nope, DOT_FP32, PRECISION) + _dot(tl.trans(p.to(do.dtype)), do, DOT_FP32, PRECISION)
-            dk_pe = _dot(ds_t, q_pe, DOT_FP32, PRECISION)
-            rows = DKV + safe[:, None] * stride_dkv
-            tl.atomic_add(rows + tl.arange(0, D_V)[None, :], dk_nope, mask=valid[:, None], sem="relaxed")
-            tl.atomic_add(rows + D_V + tl.arange(0, D_ROPE)[None, :], dk_pe, mask=valid[:, None], sem="relaxed")
+        s = _dot(q_nope, tl.trans(k_nope), DOT_FP32, PRECISION) + _dot(q_pe, tl.trans(k_pe), DOT_FP32, PRECISION)
+        p = tl.exp2(s * scale_log2 - lse2[:, None])
+        p = tl.where(valid[None, :] & h_ok[:, None], p, 0.0)
+        dp = _dot(do, tl.trans(k_nope), DOT_FP32, PRECISION)
+        ds = (p * (dp - delta[:, None]) * scale).to(k_nope.dtype)
+        dq_nope += _dot(ds, k_nope, DOT_FP32, PRECISION)
+        dq_pe += _dot(ds, k_pe, DOT_FP32, PRECISION)
+        pds = r * stride_pt + heads[:, None] * stride_ph + slots[None, :]
+        in_row = h_ok[:, None] & (slots < TOPK)[None, :]
+        tl.store(P + pds, p.to(P.dtype.element_ty), mask=in_row)
+        tl.store(DS + pds, ds, mask=in_row)
     dq_row = DQ + t * stride_qt + heads[:, None] * stride_qh
     tl.store(dq_row + tl.arange(0, D_V)[None, :], dq_nope.to(DQ.dtype.element_ty), mask=h_ok[:, None])
     tl.store(dq_row + D_V + tl.arange(0, D_ROPE)[None, :], dq_pe.to(DQ.dtype.element_ty), mask=h_ok[:, None])
@@ -145,41 +150,56 @@ def _sparse_mla_bwd_dq_kernel(
 
 @triton.jit
 def _sparse_mla_bwd_dkv_kernel(
-    Q, KV, IDX, DO, LSE, DELTA, DKV,
-    scale, scale_log2, H, TOPK, t0,
-    stride_qt, stride_qh, stride_kv, stride_it, stride_dot, stride_doh, stride_lt, stride_dkv,
-    D_V: tl.constexpr, D_ROPE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+    Q, DO, IDX, P, DS, DKV,
+    H, TOPK, t0, n_rows, slab_cols,
+    stride_qt, stride_qh, stride_it, stride_dot, stride_doh, stride_pt, stride_ph, stride_dkv,
+    D_V: tl.constexpr, D: tl.constexpr, H_PAD: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr,
     DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, PARTIALS: tl.constexpr,
 ):
-    """dK/dV of one token's key block, summed over all heads in registers. Then either one fp32
-    atomic add per (token, key, column) into dkv [L, D] (H/BLOCK_H times fewer atomics than per
-    head block), or, with PARTIALS, a plain store of the rows into DKV = partials [tokens, TOPK, D]
-    (token t at row t - t0) for `_dkv_segment_sum_kernel` to add up in a fixed order."""
-    t = t0 + tl.program_id(0).to(tl.int64)
-    slots = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
-    valid, safe, k_nope, k_pe = _load_key_block(IDX, KV, t, slots, TOPK, stride_it, stride_kv, D_V, D_ROPE)
-    dk_nope = tl.zeros([BLOCK_K, D_V], tl.float32)
-    dk_pe = tl.zeros([BLOCK_K, D_ROPE], tl.float32)
-    for h0 in range(0, H, BLOCK_H):
-        heads = h0 + tl.arange(0, BLOCK_H)
-        h_ok = heads < H
-        q_nope, q_pe, do, lse2, delta = _load_head_rows(Q, DO, LSE, DELTA, t, heads, h_ok, stride_qt, stride_qh,
-                                                        stride_dot, stride_doh, stride_lt, D_V, D_ROPE)
-        p, ds = _probs_and_dscores(q_nope, q_pe, do, lse2, delta, k_nope, k_pe, valid, h_ok, scale, scale_log2,
-                                   DOT_FP32, PRECISION)
-        ds_t = tl.trans(ds.to(q_nope.dtype))
-        dk_nope += _dot(ds_t, q_nope, DOT_FP32, PRECISION) + _dot(tl.trans(p.to(do.dtype)), do, DOT_FP32, PRECISION)
-        dk_pe += _dot(ds_t, q_pe, DOT_FP32, PRECISION)
+    """Pass 2: dK/dV of one token's key block in one column slab, summed over all heads by the MMAs:
+    [BLOCK_K, H] x [H, BLOCK_C] per column chunk, with P^T and dS^T read back from pass 1. Then one
+    relaxed fp32 atomic add per (token, key, column) into dkv [L, D], or, with PARTIALS, a plain
+    store of the rows into DKV = partials [n_rows, TOPK, D] (row t - t0) for `_dkv_segment_sum_kernel`.
+
+    Grid order, slowest first: column slab (slab_cols columns), token row, key block. All programs of
+    one slab run before the next slab starts, so the dkv columns they add into can stay in L2
+    (random keys spread the adds over all of dkv); and one token's key blocks run together and
+    share its q/dO in L2."""
+    kblocks = tl.cdiv(TOPK, BLOCK_K)
+    pid = tl.program_id(0).to(tl.int64)
+    slab = pid // (n_rows * kblocks)
+    r, kb = _token_and_block(kblocks, pid % (n_rows * kblocks))
+    t = t0 + r
+    slots = kb * BLOCK_K + tl.arange(0, BLOCK_K)
+    in_row = slots < TOPK
+    heads = tl.arange(0, H_PAD)
+    h_ok = heads < H
+    pds = r * stride_pt + heads[:, None] * stride_ph + slots[None, :]
+    m = h_ok[:, None] & in_row[None, :]
+    p_t = tl.trans(tl.load(P + pds, mask=m, other=0.0))  # [BLOCK_K, H_PAD]
+    ds_t = tl.trans(tl.load(DS + pds, mask=m, other=0.0))
+    q_row = Q + t * stride_qt + heads[:, None] * stride_qh
+    do_row = DO + t * stride_dot + heads[:, None] * stride_doh
     if PARTIALS:
-        rows = DKV + (tl.program_id(0) * TOPK + slots)[:, None] * stride_dkv
-        in_row = (slots < TOPK)[:, None]
-        tl.store(rows + tl.arange(0, D_V)[None, :], dk_nope, mask=in_row)
-        tl.store(rows + D_V + tl.arange(0, D_ROPE)[None, :], dk_pe, mask=in_row)
+        rows = DKV + (r * TOPK + slots)[:, None] * stride_dkv
+        row_ok = in_row
     else:
-        rows = DKV + safe[:, None] * stride_dkv
-        # Relaxed ordering: the adds only need to be atomic, not ordered with other memory traffic.
-        tl.atomic_add(rows + tl.arange(0, D_V)[None, :], dk_nope, mask=valid[:, None], sem="relaxed")
-        tl.atomic_add(rows + D_V + tl.arange(0, D_ROPE)[None, :], dk_pe, mask=valid[:, None], sem="relaxed")
+        idx = tl.load(IDX + t * stride_it + slots, mask=in_row, other=-1)
+        row_ok = idx >= 0
+        rows = DKV + tl.where(row_ok, idx, 0).to(tl.int64)[:, None] * stride_dkv
+    c_lo = slab * slab_cols
+    for c0 in range(c_lo, tl.minimum(c_lo + slab_cols, D), BLOCK_C):
+        cols = c0 + tl.arange(0, BLOCK_C)
+        acc = _dot(ds_t, tl.load(q_row + cols[None, :], mask=h_ok[:, None], other=0.0), DOT_FP32, PRECISION)
+        # Value columns also get P^T dO; the rope chunks load dO as zeros (a small wasted MMA that
+        # keeps one loop for all columns).
+        do = tl.load(do_row + cols[None, :], mask=h_ok[:, None] & (cols < D_V)[None, :], other=0.0)
+        acc += _dot(p_t, do, DOT_FP32, PRECISION)
+        if PARTIALS:
+            tl.store(rows + cols[None, :], acc, mask=row_ok[:, None])
+        else:
+            # Relaxed ordering: the adds only need to be atomic, not ordered with other memory traffic.
+            tl.atomic_add(rows + cols[None, :], acc, mask=row_ok[:, None], sem="relaxed")
 
 
 @triton.jit
@@ -213,27 +233,18 @@ def check_triton_inputs(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor
 
 
 def default_config(heads: int, backward: bool, elem_bytes: int = 2):
-    """Forward: (BLOCK_H, BLOCK_K, num_warps, num_stages). Backward: that tuple for the dq kernel and
-    one for the dkv kernel; a dkv entry of None makes the dq kernel add dkv itself (FUSE_DKV). The
-    default keeps them split: fusing won at h16 on random indices but lost on the indexer's
-    (kernels/sparse_mla/NOTES.md). 16-bit inputs: the best of `benchmarks/bench_sparse_mla.py
-    --sweep 128 16` on an H100. fp32 tiles are twice as large, so fp32 takes 32-key tiles and one
-    stage to fit the 227 KB of shared memory a block may use."""
+    """Forward: (BLOCK_H, BLOCK_K, num_warps, num_stages). Backward: that tuple for the dq kernel (pass
+    1) and (BLOCK_K, BLOCK_C, num_warps, num_stages) for the dkv kernel (pass 2). 16-bit inputs: the
+    best of `benchmarks/bench_sparse_mla.py --sweep` on an H100. fp32 tiles are twice as large, so
+    fp32 takes 32-key tiles and one stage to fit the 227 KB of shared memory a block may use."""
     block_h = _head_block(heads)
     if not backward:
         if elem_bytes > 2:
             return (block_h, 32, 8, 1)
         return (block_h, 64, 8, 2) if block_h > 16 else (16, 64, 4, 2)
-    dq = (min(block_h, 32), 32, 8, 1) if elem_bytes > 2 else (16, 64, 4, 2)
-    return dq, split_dkv_config(heads, elem_bytes)
-
-
-def split_dkv_config(heads: int, elem_bytes: int = 2):
-    """Tiles of the separate dkv kernel (the deterministic path always uses it); also the tiles that
-    fit the dq kernel with FUSE_DKV (its 64-key tiles exceed shared memory)."""
     if elem_bytes > 2:
-        return (min(_head_block(heads), 32), 32, 8, 1)
-    return (16, 32, 4, 2)
+        return (min(block_h, 32), 32, 8, 1), (32, 32, 4, 1)
+    return ((64, 64, 8, 1) if block_h >= 64 else (16, 64, 4, 2)), (64, 64, 4, 2)
 
 
 def _head_block(heads: int) -> int:
@@ -250,7 +261,7 @@ def sparse_mla_fwd_triton(q, kv, indices, scale: float, d_v: int, config=None):
     out = torch.empty(T, H, d_v, dtype=q.dtype, device=q.device)
     lse = torch.empty(T, H, dtype=torch.float32, device=q.device)
     block_h, block_k, warps, stages = config or default_config(H, False, q.element_size())
-    grid = (T, triton.cdiv(H, block_h))
+    grid = (triton.cdiv(H, block_h) * T,)
     _sparse_mla_fwd_kernel[grid](
         q, kv, indices, out, lse, scale * LOG2E, H, indices.shape[1],
         q.stride(0), q.stride(1), kv.stride(0), indices.stride(0), out.stride(0), out.stride(1), lse.stride(0),
@@ -261,63 +272,88 @@ def sparse_mla_fwd_triton(q, kv, indices, scale: float, d_v: int, config=None):
     return out, lse
 
 
+# fp32 dkv bytes one column slab of the dkv kernel's atomic adds may span (about half of an H100's
+# 50 MB L2), unless the config names the chunks per slab.
+DKV_SLAB_BYTES = 24 << 20
+
+
+def _slab_cols(num_keys: int, D: int, block_c: int, heads: int, elem_bytes: int, chunks: int | None) -> int:
+    """Columns per slab of the dkv kernel: `chunks` column chunks if given, else as many as
+    DKV_SLAB_BYTES allows (at least one). Every slab re-reads P and dS (2 * heads * elem_bytes per
+    token and slot) to save L2 misses on the atomic adds (D * 4 bytes per token and slot). When the
+    L2-sized slabs would re-read more than 1.5x those bytes, one slab of all columns is used instead:
+    on an H100 at T 4096, k 2048 (kernels/sparse_mla/NOTES.md) 3 slabs won at H 128 and L 32k,
+    9 slabs lost to one at H 128 and L 128k, and 9 won at H 16 and L 128k."""
+    if chunks is None:
+        chunks = max(1, DKV_SLAB_BYTES // (num_keys * block_c * 4))
+        slabs = triton.cdiv(D, min(D, chunks * block_c))
+        if slabs * 2 * heads * elem_bytes > 1.5 * D * 4:
+            return D
+    return min(D, chunks * block_c)
+
+
 # Bytes of fp32 partial dK/dV rows one deterministic chunk of tokens may hold.
 PARTIAL_BYTES = 1 << 31
+# Bytes of each of the P and dS buffers that pass 1 writes and pass 2 reads, per chunk of tokens.
+PDS_BYTES = 1 << 30
 
 
 def sparse_mla_bwd_triton(q, kv, indices, scale: float, d_v: int, out, lse, dout, config=None,
                           deterministic: bool | None = None):
     """Returns dq [T, H, D] (q.dtype) and dkv [L, D] (kv.dtype, accumulated in fp32).
 
-    dkv: by default fp32 atomic adds, so the summation order, and the last bits, may vary between
-    runs. deterministic=True (None: follow torch.are_deterministic_algorithms_enabled()) instead
-    stores each (token, slot) row and sums every key's rows in (token, slot) order, chunk by chunk
-    of tokens: bit-identical across runs, at the cost of writing and reading T*k*D*4 bytes.
-    `config` is ((BLOCK_H, BLOCK_K, warps, stages) for dq, the same for dkv); dkv None: the dq kernel
-    adds dkv itself (FUSE_DKV) unless deterministic."""
+    Two passes per chunk of tokens: the dq kernel also stores P and dS [chunk, H, k] (q.dtype; at
+    most PDS_BYTES each), and the dkv kernel turns them into dK/dV with all heads reduced by its
+    MMAs, so the scores are computed once and no kernel re-reads q/dO per key block with a full
+    recompute. dkv: by default fp32 atomic adds, so the summation order, and the last bits, may
+    vary between runs. deterministic=True (None: follow torch.are_deterministic_algorithms_enabled())
+    instead stores each (token, slot) row and sums every key's rows in (token, slot) order:
+    bit-identical across runs, at the cost of writing and reading T*k*D*4 bytes.
+    `config` is ((BLOCK_H, BLOCK_K, warps, stages) for dq, (BLOCK_K, BLOCK_C, warps, stages) for dkv)."""
     if deterministic is None:
         deterministic = torch.are_deterministic_algorithms_enabled()
     q, kv, indices = q.contiguous(), kv.contiguous(), indices.contiguous().to(torch.int32)
-    dout = dout.contiguous()
+    dout, out, lse = dout.contiguous(), out.contiguous(), lse.contiguous()
     T, H, D = q.shape
     topk = indices.shape[1]
-    delta = torch.empty(T, H, dtype=torch.float32, device=q.device)  # rowsum(dO * O), fp32
-    for s in range(0, T, 4096):  # in row blocks: fp32 copies of all of dO and O would double their memory
-        delta[s : s + 4096] = (dout[s : s + 4096].float() * out[s : s + 4096].float()).sum(-1)
     dq = torch.empty_like(q)
     dkv = torch.zeros(kv.shape, dtype=torch.float32, device=kv.device)
-    dq_cfg, dkv_cfg = config or default_config(H, True, q.element_size())
-    fuse = dkv_cfg is None and not deterministic  # dkv added by the dq kernel (atomic mode only)
-    if dkv_cfg is None and deterministic:
-        dkv_cfg = split_dkv_config(H, q.element_size())
-    common = dict(D_V=d_v, D_ROPE=D - d_v, DOT_FP32=_interpreting(),
-                  PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
-    lse = lse.contiguous()
-    args = (scale, scale * LOG2E, H, topk, q.stride(0), q.stride(1), kv.stride(0), indices.stride(0),
-            dout.stride(0), dout.stride(1), lse.stride(0))
-    block_h, block_k, warps, stages = dq_cfg
-    _sparse_mla_bwd_dq_kernel[(T, triton.cdiv(H, block_h))](
-        q, kv, indices, dout, lse, delta, dq, dkv, *args, dkv.stride(0),
-        BLOCK_H=block_h, BLOCK_K=block_k, num_warps=warps, num_stages=stages, FUSE_DKV=fuse, **common,
-    )
-    if fuse:
-        return dq, dkv.to(kv.dtype)
-    block_h, block_k, warps, stages = dkv_cfg
-    dkv_opts = dict(BLOCK_H=block_h, BLOCK_K=block_k, num_warps=warps, num_stages=stages, **common)
-    if not deterministic:
-        _sparse_mla_bwd_dkv_kernel[(T, triton.cdiv(topk, block_k))](
-            q, kv, indices, dout, lse, delta, dkv, *args[:4], 0, *args[4:], dkv.stride(0), PARTIALS=False, **dkv_opts)
-        return dq, dkv.to(kv.dtype)
-    chunk = max(1, PARTIAL_BYTES // (topk * D * 4))
+    (block_h, block_k, warps, stages), dkv_cfg = config or default_config(H, True, q.element_size())
+    dkv_block_k, block_c, dkv_warps, dkv_stages = dkv_cfg[:4]
+    block_c = min(block_c, d_v, D - d_v)  # a column chunk lies within the values or within the rope part
+    slab_cols = D if deterministic else _slab_cols(kv.shape[0], D, block_c, H, q.element_size(),
+                                                        dkv_cfg[4] if len(dkv_cfg) > 4 else None)
+    slabs = triton.cdiv(D, slab_cols)
+    dot_opts = dict(DOT_FP32=_interpreting(), PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
+    chunk = max(1, PDS_BYTES // (H * topk * q.element_size()))
+    if deterministic:
+        chunk = min(chunk, max(1, PARTIAL_BYTES // (topk * D * 4)))
     keys = torch.arange(kv.shape[0] + 1, device=kv.device)
+
+    def dkv_pass(t0: int, n: int, p: torch.Tensor, ds: torch.Tensor) -> None:
+        target = torch.empty(n * topk, D, dtype=torch.float32, device=kv.device) if deterministic else dkv
+        _sparse_mla_bwd_dkv_kernel[(slabs * n * triton.cdiv(topk, dkv_block_k),)](
+            q, dout, indices, p, ds, target, H, topk, t0, n, slab_cols,
+            q.stride(0), q.stride(1), indices.stride(0), dout.stride(0), dout.stride(1), p.stride(0), p.stride(1),
+            target.stride(0), D_V=d_v, D=D, H_PAD=max(16, triton.next_power_of_2(H)), BLOCK_K=dkv_block_k,
+            BLOCK_C=block_c, PARTIALS=deterministic, num_warps=dkv_warps, num_stages=dkv_stages, **dot_opts,
+        )
+        if deterministic:
+            # Stable sort: a key's rows stay in (token, slot) order; -1 slots sort first and are skipped.
+            sorted_keys, order = torch.sort(indices[t0 : t0 + n].reshape(-1).long(), stable=True)
+            ptr = torch.searchsorted(sorted_keys, keys)
+            _dkv_segment_sum_kernel[(kv.shape[0],)](target, order, ptr, dkv, target.stride(0), dkv.stride(0),
+                                                    D=D, DP=triton.next_power_of_2(D), num_warps=4)
+
     for t0 in range(0, T, chunk):
         n = min(T, t0 + chunk) - t0
-        part = torch.empty(n * topk, D, dtype=torch.float32, device=kv.device)
-        _sparse_mla_bwd_dkv_kernel[(n, triton.cdiv(topk, block_k))](
-            q, kv, indices, dout, lse, delta, part, *args[:4], t0, *args[4:], part.stride(0), PARTIALS=True, **dkv_opts)
-        # Stable sort: a key's rows stay in (token, slot) order; -1 slots sort first and are skipped.
-        sorted_keys, order = torch.sort(indices[t0 : t0 + n].reshape(-1).long(), stable=True)
-        ptr = torch.searchsorted(sorted_keys, keys)
-        _dkv_segment_sum_kernel[(kv.shape[0],)](part, order, ptr, dkv, part.stride(0), dkv.stride(0),
-                                                D=D, DP=triton.next_power_of_2(D), num_warps=4)
+        p = torch.empty(n, H, topk, dtype=q.dtype, device=q.device)
+        ds = torch.empty_like(p)
+        _sparse_mla_bwd_dq_kernel[(triton.cdiv(H, block_h) * n,)](
+            q, kv, indices, out, dout, lse, dq, p, ds, scale, scale * LOG2E, H, topk, t0,
+            q.stride(0), q.stride(1), kv.stride(0), indices.stride(0), dout.stride(0), dout.stride(1),
+            lse.stride(0), p.stride(0), p.stride(1),
+            D_V=d_v, D_ROPE=D - d_v, BLOCK_H=block_h, BLOCK_K=block_k, num_warps=warps, num_stages=stages, **dot_opts,
+        )
+        dkv_pass(t0, n, p, ds)
     return dq, dkv.to(kv.dtype)
