@@ -67,7 +67,7 @@ def bench_heads(H, T, L, k, scale, sweep, dev, gen, common):
     dout = torch.randn_like(out)
 
     fwd_cfgs = [default_config(H, False)]
-    dq_default, dkv_default = default_config(H, True)
+    bwd_default = default_config(H, True)  # (pass 1, dkv[, separate dq pass])
     top_h = max(16, triton.next_power_of_2(H))
     grid = [c for c in itertools.product((16, 32, 64), (32, 64), (4, 8), (1, 2)) if c[0] <= top_h] if sweep else []
     # A whole 128-head block per program halves the key gathers; its accumulator needs 16 warps.
@@ -90,8 +90,8 @@ def bench_heads(H, T, L, k, scale, sweep, dev, gen, common):
 
     fwd_ms, fwd_cfg = best(lambda c: sparse_mla_fwd_triton(q, kv, idx, scale, D_V, c), fwd_cfgs)
     # The two backward kernels are tuned one after the other (dq first, holding dkv at its default).
-    _, (dq_cfg, _) = best(bwd, [(dq_default, dkv_default)] + [(c, dkv_default) for c in dq_grid])
-    bwd_ms, bwd_cfg = best(bwd, [(dq_cfg, dkv_default)] + [(dq_cfg, c) for c in dkv_grid])
+    _, tuned = best(bwd, [bwd_default] + [(c,) + bwd_default[1:] for c in dq_grid])
+    bwd_ms, bwd_cfg = best(bwd, [tuned] + [tuned[:1] + (c,) + tuned[2:] for c in dkv_grid])
 
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()

@@ -121,3 +121,20 @@ def test_backward_over_token_chunks_and_column_slabs(monkeypatch, deterministic)
     ref = run(sparse_mla_reference, q.cpu(), kv.cpu(), idx.cpu(), D**-0.5, d_v, dout.cpu())
     assert_close("dq (chunked)", ref[2], dq.float().cpu(), BOUND[torch.bfloat16])
     assert_close("dkv (chunked)", ref[3], dkv.float().cpu(), BOUND[torch.bfloat16])
+
+
+@pytest.mark.parametrize("separate_dq", [False, True])
+@pytest.mark.parametrize("shape", [SHAPES[0], SHAPES[-1]], ids=lambda s: "T{}-L{}-H{}-dv{}-dr{}-k{}".format(*s))
+def test_dq_in_pass_one_or_from_stored_ds(shape, separate_dq):
+    """dq accumulated inside pass 1 (config of two entries) or by the separate dq-from-dS kernel
+    (a third entry): both match the reference."""
+    import kernels.sparse_mla.triton_impl as impl
+
+    q, kv, idx, dout, out, lse = forward_problem(shape, torch.bfloat16)
+    H, D, d_v = q.shape[1], q.shape[2], dout.shape[-1]
+    pass1, dkv_cfg = impl.default_config(H, True, q.element_size())[:2]
+    cfg = (pass1, dkv_cfg) + (((16, 64, 4, 2),) if separate_dq else ())
+    dq, dkv = impl.sparse_mla_bwd_triton(q, kv, idx, D**-0.5, d_v, out, lse, dout, cfg)
+    ref = run(sparse_mla_reference, q.cpu(), kv.cpu(), idx.cpu(), D**-0.5, d_v, dout.cpu())
+    assert_close("dq", ref[2], dq.float().cpu(), BOUND[torch.bfloat16])
+    assert_close("dkv", ref[3], dkv.float().cpu(), BOUND[torch.bfloat16])

@@ -6,7 +6,8 @@ once serves all heads of the block, and the tile's first D_V columns double as t
 
 The backward runs in two passes per chunk of tokens: the dq kernel recomputes P and dS once, keeps
 dq in registers and stores P and dS; the dkv kernel reads them back and reduces dK/dV over all
-heads with MMAs, adding into dkv one column slab at a time so that the atomic adds hit L2.
+heads with MMAs, adding into dkv one column slab at a time so that the atomic adds hit L2. From 64
+heads on, dq has its own kernel that reads dS back instead of accumulating in pass 1.
 
 The softmax runs in base 2 (exp2) with the scale folded into log2(e); lse is returned in natural
 log units, as the reference. Under TRITON_INTERPRET=1 (CPU, used by CI) bf16 tl.dot is not
@@ -114,12 +115,14 @@ def _sparse_mla_bwd_dq_kernel(
     scale, scale_log2, H, TOPK, t0,
     stride_qt, stride_qh, stride_kv, stride_it, stride_dot, stride_doh, stride_lt, stride_pt, stride_ph,
     D_V: tl.constexpr, D_ROPE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
-    DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
+    DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, WITH_DQ: tl.constexpr,
 ):
     """Pass 1 of the backward, for one token t = t0 + r of the chunk and BLOCK_H heads: a loop over
-    its key blocks that recomputes P from lse, forms dS = P * (dP - delta) * scale, accumulates dq
-    in registers and stores P and dS (in q's dtype, as the dots use them) into P, DS [n, H, TOPK]
-    (row t - t0), so that pass 2 gets dK/dV without recomputing the scores. The head block is the
+    its key blocks that recomputes P from lse, forms dS = P * (dP - delta) * scale and stores P and
+    dS (in q's dtype, as the dots use them) into P, DS [n, H, TOPK] (row t - t0), so that pass 2
+    gets dK/dV without recomputing the scores. WITH_DQ: also accumulate dq = dS K in registers;
+    without it `_sparse_mla_bwd_dq_from_ds_kernel` computes dq afterwards, and this loop, free of the
+    [BLOCK_H, D] fp32 accumulator, has room for more key-tile stages. The head block is the
     fastest grid axis (`_token_and_block`)."""
     r, hb = _token_and_block(tl.cdiv(H, BLOCK_H), tl.program_id(0).to(tl.int64))
     t = t0 + r
@@ -137,15 +140,48 @@ def _sparse_mla_bwd_dq_kernel(
         p = tl.where(valid[None, :] & h_ok[:, None], p, 0.0)
         dp = _dot(do, tl.trans(k_nope), DOT_FP32, PRECISION)
         ds = (p * (dp - delta[:, None]) * scale).to(k_nope.dtype)
-        dq_nope += _dot(ds, k_nope, DOT_FP32, PRECISION)
-        dq_pe += _dot(ds, k_pe, DOT_FP32, PRECISION)
+        if WITH_DQ:
+            dq_nope += _dot(ds, k_nope, DOT_FP32, PRECISION)
+            dq_pe += _dot(ds, k_pe, DOT_FP32, PRECISION)
         pds = r * stride_pt + heads[:, None] * stride_ph + slots[None, :]
         in_row = h_ok[:, None] & (slots < TOPK)[None, :]
         tl.store(P + pds, p.to(P.dtype.element_ty), mask=in_row)
         tl.store(DS + pds, ds, mask=in_row)
+    if WITH_DQ:
+        _store_dq(DQ, t, heads, h_ok, dq_nope, dq_pe, stride_qt, stride_qh, D_V)
+
+
+@triton.jit
+def _store_dq(DQ, t, heads, h_ok, dq_nope, dq_pe, stride_qt, stride_qh, D_V: tl.constexpr):
     dq_row = DQ + t * stride_qt + heads[:, None] * stride_qh
     tl.store(dq_row + tl.arange(0, D_V)[None, :], dq_nope.to(DQ.dtype.element_ty), mask=h_ok[:, None])
-    tl.store(dq_row + D_V + tl.arange(0, D_ROPE)[None, :], dq_pe.to(DQ.dtype.element_ty), mask=h_ok[:, None])
+    tl.store(dq_row + D_V + tl.arange(0, dq_pe.shape[1])[None, :], dq_pe.to(DQ.dtype.element_ty), mask=h_ok[:, None])
+
+
+@triton.jit
+def _sparse_mla_bwd_dq_from_ds_kernel(
+    KV, IDX, DS, DQ,
+    H, TOPK, t0,
+    stride_qt, stride_qh, stride_kv, stride_it, stride_pt, stride_ph,
+    D_V: tl.constexpr, D_ROPE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+    DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """dq = dS K for one token t = t0 + r and BLOCK_H heads, from the dS that pass 1 stored: the
+    forward's loop shape (gathered key tiles, one [BLOCK_H, D] fp32 accumulator) with one GEMM."""
+    r, hb = _token_and_block(tl.cdiv(H, BLOCK_H), tl.program_id(0).to(tl.int64))
+    t = t0 + r
+    heads = hb * BLOCK_H + tl.arange(0, BLOCK_H)
+    h_ok = heads < H
+    dq_nope = tl.zeros([BLOCK_H, D_V], tl.float32)
+    dq_pe = tl.zeros([BLOCK_H, D_ROPE], tl.float32)
+    for start in range(0, TOPK, BLOCK_K):
+        slots = start + tl.arange(0, BLOCK_K)
+        valid, safe, k_nope, k_pe = _load_key_block(IDX, KV, t, slots, TOPK, stride_it, stride_kv, D_V, D_ROPE)
+        ds = tl.load(DS + r * stride_pt + heads[:, None] * stride_ph + slots[None, :],
+                     mask=h_ok[:, None] & (slots < TOPK)[None, :], other=0.0)
+        dq_nope += _dot(ds, k_nope, DOT_FP32, PRECISION)
+        dq_pe += _dot(ds, k_pe, DOT_FP32, PRECISION)
+    _store_dq(DQ, t, heads, h_ok, dq_nope, dq_pe, stride_qt, stride_qh, D_V)
 
 
 @triton.jit
@@ -234,7 +270,8 @@ def check_triton_inputs(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor
 
 def default_config(heads: int, backward: bool, elem_bytes: int = 2):
     """Forward: (BLOCK_H, BLOCK_K, num_warps, num_stages). Backward: that tuple for the dq kernel (pass
-    1) and (BLOCK_K, BLOCK_C, num_warps, num_stages) for the dkv kernel (pass 2). 16-bit inputs: the
+    1), (BLOCK_K, BLOCK_C, num_warps, num_stages) for the dkv kernel (pass 2) and, where dq gets its
+    own pass from the stored dS, a third tuple like the first for `_sparse_mla_bwd_dq_from_ds_kernel`. 16-bit inputs: the
     best of `benchmarks/bench_sparse_mla.py --sweep` on an H100. fp32 tiles are twice as large, so
     fp32 takes 32-key tiles and one stage to fit the 227 KB of shared memory a block may use."""
     block_h = _head_block(heads)
@@ -244,7 +281,9 @@ def default_config(heads: int, backward: bool, elem_bytes: int = 2):
         return (block_h, 64, 8, 2) if block_h > 16 else (16, 64, 4, 2)
     if elem_bytes > 2:
         return (min(block_h, 32), 32, 8, 1), (32, 32, 4, 1)
-    return ((64, 64, 8, 1) if block_h >= 64 else (16, 64, 4, 2)), (64, 64, 4, 2)
+    if block_h >= 64:  # dq from the stored dS in its own pass: 29.1 against 30.9 ms at h128 (NOTES)
+        return (64, 32, 4, 2), (64, 64, 4, 2), (64, 64, 8, 2)
+    return (16, 64, 4, 2), (64, 64, 4, 2)
 
 
 def _head_block(heads: int) -> int:
@@ -305,11 +344,13 @@ def sparse_mla_bwd_triton(q, kv, indices, scale: float, d_v: int, out, lse, dout
     Two passes per chunk of tokens: the dq kernel also stores P and dS [chunk, H, k] (q.dtype; at
     most PDS_BYTES each), and the dkv kernel turns them into dK/dV with all heads reduced by its
     MMAs, so the scores are computed once and no kernel re-reads q/dO per key block with a full
-    recompute. dkv: by default fp32 atomic adds, so the summation order, and the last bits, may
+    recompute. With a third config entry, dq comes from its own kernel over the stored dS instead
+    of pass 1's registers. dkv: by default fp32 atomic adds, so the summation order, and the last bits, may
     vary between runs. deterministic=True (None: follow torch.are_deterministic_algorithms_enabled())
     instead stores each (token, slot) row and sums every key's rows in (token, slot) order:
     bit-identical across runs, at the cost of writing and reading T*k*D*4 bytes.
-    `config` is ((BLOCK_H, BLOCK_K, warps, stages) for dq, (BLOCK_K, BLOCK_C, warps, stages) for dkv)."""
+    `config` is ((BLOCK_H, BLOCK_K, warps, stages) for pass 1, (BLOCK_K, BLOCK_C, warps, stages[,
+    column chunks per slab]) for dkv[, (BLOCK_H, BLOCK_K, warps, stages) for the separate dq pass])."""
     if deterministic is None:
         deterministic = torch.are_deterministic_algorithms_enabled()
     q, kv, indices = q.contiguous(), kv.contiguous(), indices.contiguous().to(torch.int32)
@@ -318,7 +359,9 @@ def sparse_mla_bwd_triton(q, kv, indices, scale: float, d_v: int, out, lse, dout
     topk = indices.shape[1]
     dq = torch.empty_like(q)
     dkv = torch.zeros(kv.shape, dtype=torch.float32, device=kv.device)
-    (block_h, block_k, warps, stages), dkv_cfg = config or default_config(H, True, q.element_size())
+    cfg = config or default_config(H, True, q.element_size())
+    (block_h, block_k, warps, stages), dkv_cfg = cfg[:2]
+    dq_cfg = cfg[2] if len(cfg) > 2 else None  # a separate dq pass, or dq inside pass 1
     dkv_block_k, block_c, dkv_warps, dkv_stages = dkv_cfg[:4]
     block_c = min(block_c, d_v, D - d_v)  # a column chunk lies within the values or within the rope part
     slab_cols = D if deterministic else _slab_cols(kv.shape[0], D, block_c, H, q.element_size(),
@@ -353,7 +396,15 @@ def sparse_mla_bwd_triton(q, kv, indices, scale: float, d_v: int, out, lse, dout
             q, kv, indices, out, dout, lse, dq, p, ds, scale, scale * LOG2E, H, topk, t0,
             q.stride(0), q.stride(1), kv.stride(0), indices.stride(0), dout.stride(0), dout.stride(1),
             lse.stride(0), p.stride(0), p.stride(1),
-            D_V=d_v, D_ROPE=D - d_v, BLOCK_H=block_h, BLOCK_K=block_k, num_warps=warps, num_stages=stages, **dot_opts,
+            D_V=d_v, D_ROPE=D - d_v, BLOCK_H=block_h, BLOCK_K=block_k, num_warps=warps, num_stages=stages,
+            WITH_DQ=dq_cfg is None, **dot_opts,
         )
+        if dq_cfg is not None:
+            dq_bh, dq_bk, dq_warps, dq_stages = dq_cfg
+            _sparse_mla_bwd_dq_from_ds_kernel[(triton.cdiv(H, dq_bh) * n,)](
+                kv, indices, ds, dq, H, topk, t0, q.stride(0), q.stride(1), kv.stride(0), indices.stride(0),
+                ds.stride(0), ds.stride(1), D_V=d_v, D_ROPE=D - d_v, BLOCK_H=dq_bh, BLOCK_K=dq_bk,
+                num_warps=dq_warps, num_stages=dq_stages, **dot_opts,
+            )
         dkv_pass(t0, n, p, ds)
     return dq, dkv.to(kv.dtype)
