@@ -1,10 +1,11 @@
 #!/usr/bin/env python
 """Where the sparse MLA backward's time goes: CUDA time per kernel (torch.profiler) per config.
 
-    python benchmarks/profile_sparse_mla_bwd.py --heads 128 16 --configs 16,64,4,2/16,32,4,2
+    python benchmarks/profile_sparse_mla_bwd.py --heads 128 16 --configs 64,32,4,2/64,64,4,2/64,64,8,2
 
-A config is dq/dkv as default_config returns them: BLOCK_H,BLOCK_K,num_warps,num_stages for the dq
-kernel (pass 1) and BLOCK_K,BLOCK_C,num_warps,num_stages for the dkv kernel (pass 2).
+A config is pass1/dkv[/dq] as default_config returns them: BLOCK_H,BLOCK_K,num_warps,num_stages for
+pass 1, BLOCK_K,BLOCK_C,num_warps,num_stages[,chunks per slab] for the dkv kernel (pass 2) and,
+optionally, BLOCK_H,BLOCK_K,num_warps,num_stages for a separate dq pass over the stored dS.
 Same problem as bench_sparse_mla.py (T query rows at the end of an L-key context, k random
 distinct causal keys each). Prints one line per heads x config with the milliseconds of each
 kernel (median over --reps profiled runs; atomic and deterministic dkv both). Writes no file.

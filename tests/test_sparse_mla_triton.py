@@ -138,3 +138,18 @@ def test_dq_in_pass_one_or_from_stored_ds(shape, separate_dq):
     ref = run(sparse_mla_reference, q.cpu(), kv.cpu(), idx.cpu(), D**-0.5, d_v, dout.cpu())
     assert_close("dq", ref[2], dq.float().cpu(), BOUND[torch.bfloat16])
     assert_close("dkv", ref[3], dkv.float().cpu(), BOUND[torch.bfloat16])
+
+
+def test_dkv_column_slabs_follow_the_measured_choices():
+    """_slab_cols picks, at the four measured H100 points (kernels/sparse_mla/NOTES.md, fourth
+    round), the slab width that measured fastest: 3 chunks of 64 columns at L 32k (h16 and h128),
+    one chunk at h16 and L 128k, one slab of all 576 columns at h128 and L 128k; an explicit chunk
+    count wins; a dkv that fits the slab budget is one slab."""
+    from kernels.sparse_mla.triton_impl import _slab_cols
+
+    assert _slab_cols(32768, 576, 64, 128, 2, None) == 192
+    assert _slab_cols(32768, 576, 64, 16, 2, None) == 192
+    assert _slab_cols(131072, 576, 64, 16, 2, None) == 64
+    assert _slab_cols(131072, 576, 64, 128, 2, None) == 576
+    assert _slab_cols(131072, 576, 64, 128, 2, 2) == 128
+    assert _slab_cols(4096, 576, 64, 128, 2, None) == 576

@@ -148,14 +148,15 @@ def _sparse_mla_bwd_dq_kernel(
         tl.store(P + pds, p.to(P.dtype.element_ty), mask=in_row)
         tl.store(DS + pds, ds, mask=in_row)
     if WITH_DQ:
-        _store_dq(DQ, t, heads, h_ok, dq_nope, dq_pe, stride_qt, stride_qh, D_V)
+        _store_dq(DQ, t, heads, h_ok, dq_nope, dq_pe, stride_qt, stride_qh, D_V, D_ROPE)
 
 
 @triton.jit
-def _store_dq(DQ, t, heads, h_ok, dq_nope, dq_pe, stride_qt, stride_qh, D_V: tl.constexpr):
+def _store_dq(DQ, t, heads, h_ok, dq_nope, dq_pe, stride_qt, stride_qh, D_V: tl.constexpr, D_ROPE: tl.constexpr):
+    """dq_nope [BLOCK_H, D_V] and dq_pe [BLOCK_H, D_ROPE] (fp32) -> token t's rows of dq."""
     dq_row = DQ + t * stride_qt + heads[:, None] * stride_qh
     tl.store(dq_row + tl.arange(0, D_V)[None, :], dq_nope.to(DQ.dtype.element_ty), mask=h_ok[:, None])
-    tl.store(dq_row + D_V + tl.arange(0, dq_pe.shape[1])[None, :], dq_pe.to(DQ.dtype.element_ty), mask=h_ok[:, None])
+    tl.store(dq_row + D_V + tl.arange(0, D_ROPE)[None, :], dq_pe.to(DQ.dtype.element_ty), mask=h_ok[:, None])
 
 
 @triton.jit
@@ -181,7 +182,7 @@ def _sparse_mla_bwd_dq_from_ds_kernel(
                      mask=h_ok[:, None] & (slots < TOPK)[None, :], other=0.0)
         dq_nope += _dot(ds, k_nope, DOT_FP32, PRECISION)
         dq_pe += _dot(ds, k_pe, DOT_FP32, PRECISION)
-    _store_dq(DQ, t, heads, h_ok, dq_nope, dq_pe, stride_qt, stride_qh, D_V)
+    _store_dq(DQ, t, heads, h_ok, dq_nope, dq_pe, stride_qt, stride_qh, D_V, D_ROPE)
 
 
 @triton.jit
