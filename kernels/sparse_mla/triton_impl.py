@@ -346,8 +346,8 @@ def sparse_mla_bwd_triton(q, kv, indices, scale: float, d_v: int, out, lse, dout
     most PDS_BYTES each), and the dkv kernel turns them into dK/dV with all heads reduced by its
     MMAs, so the scores are computed once and no kernel re-reads q/dO per key block with a full
     recompute. With a third config entry, dq comes from its own kernel over the stored dS instead
-    of pass 1's registers. dkv: by default fp32 atomic adds, so the summation order, and the last bits, may
-    vary between runs. deterministic=True (None: follow torch.are_deterministic_algorithms_enabled())
+    of pass 1's registers. dkv: by default fp32 atomic adds, so the summation order, and the last
+    bits, may vary between runs. deterministic=True (None: follow torch.are_deterministic_algorithms_enabled())
     instead stores each (token, slot) row and sums every key's rows in (token, slot) order:
     bit-identical across runs, at the cost of writing and reading T*k*D*4 bytes.
     `config` is ((BLOCK_H, BLOCK_K, warps, stages) for pass 1, (BLOCK_K, BLOCK_C, warps, stages[,
