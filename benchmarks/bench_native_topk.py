@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import sys
 import warnings
@@ -26,7 +25,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 
-from results_io import RESULTS_DIR, write_results  # noqa: E402
+from results_io import RESULTS_DIR, environment, write_results  # noqa: E402
 
 
 def cuda_ms(fn, reps):
@@ -112,8 +111,7 @@ def main() -> None:
                 "tflops": None, "baseline": f"score GEMM (bf16 cuBLAS) + torch.topk per {rows} rows",
                 "baseline_ms": bms, "speedup": bms / ms, "peak_mem_gb": peak, "baseline_peak_mem_gb": bpeak,
                 "rows_per_main_pass": {str(a): b for a, b in passes.items()}, "reps": opts.reps,
-                "device": name, "torch": torch.__version__, "triton": triton.__version__,
-                "python": platform.python_version(),
+                **environment(name),
             })
             q = kv = None  # free before the next length
             torch.cuda.empty_cache()

@@ -25,7 +25,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 
-from results_io import RESULTS_DIR, write_results  # noqa: E402
+from results_io import RESULTS_DIR, environment, write_results  # noqa: E402
 
 PRESETS = {
     # The default run of pretrain_nsmla.py (its own defaults), shortened.
@@ -75,7 +75,6 @@ def main() -> None:
     opts, passthrough = parser.parse_known_args()
 
     import torch
-    import triton
 
     cuda = torch.cuda.is_available()
     argv = PRESETS[opts.preset] + (["--bf16"] if cuda else []) + passthrough
@@ -88,10 +87,7 @@ def main() -> None:
     meta = {
         "op": "pretrain",
         "preset": opts.preset,
-        "device": device,
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "python": platform.python_version(),
+        **environment(device),
         "heads": args.num_attention_heads,
         "seqlen": args.seq_length,
         "topk": args.nsmla_topk,

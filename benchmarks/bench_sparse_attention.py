@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 import warnings
 
@@ -27,7 +26,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 
 from bench_native_topk import cuda_ms  # noqa: E402
-from results_io import RESULTS_DIR, write_results  # noqa: E402
+from results_io import RESULTS_DIR, environment, write_results  # noqa: E402
 
 D_V, D_ROPE, QK_NOPE, V_DENSE = 512, 64, 128, 128
 
@@ -113,8 +112,7 @@ def main() -> None:
                 "baseline_ms": d_ms, "speedup": d_ms / s_ms, "peak_mem_gb": s_gb, "baseline_peak_mem_gb": d_gb,
                 "query_block_rows": block, "scoring": opts.scoring, "reps": opts.reps,
                 "includes": "native indexer + top-k + sparse MLA fwd + bwd (attention core, no projections)",
-                "device": name, "torch": torch.__version__, "triton": triton.__version__,
-                "python": platform.python_version(),
+                **environment(name),
             })
     write_results(records, "sparse_attention", name, opts.out_dir)
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 import warnings
 
@@ -23,7 +22,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 
-from results_io import RESULTS_DIR, write_results  # noqa: E402
+from results_io import RESULTS_DIR, environment, write_results  # noqa: E402
 
 
 def main() -> None:
@@ -39,7 +38,6 @@ def main() -> None:
 
     import torch
     import torch.nn.functional as F
-    import triton
     from triton.testing import do_bench
 
     from megatron.core.transformer.spec_utils import build_module
@@ -90,8 +88,7 @@ def main() -> None:
             "op": "sparse_layer_fwdbwd", "heads": opts.heads, "seqlen": L, "topk": opts.topk, "ms": s_ms,
             "baseline": "dense MLA layer (torch SDPA)", "baseline_ms": d_ms, "speedup": d_ms / s_ms,
             "peak_mem_gb": s_gb, "baseline_peak_mem_gb": d_gb, "kernel_backend": opts.backend,
-            "scoring": opts.scoring, "device": name, "torch": torch.__version__, "triton": triton.__version__,
-            "python": platform.python_version(),
+            "scoring": opts.scoring, **environment(name),
         })
     distributed.shutdown()
     write_results(records, f"sparse_layer-{opts.backend}", name, opts.out_dir)

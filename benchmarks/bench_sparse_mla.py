@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import os
-import platform
 import sys
 import warnings
 
@@ -24,7 +23,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 
-from results_io import RESULTS_DIR, write_results  # noqa: E402
+from results_io import RESULTS_DIR, environment, write_results  # noqa: E402
 
 D_V, D_ROPE = 512, 64
 
@@ -146,8 +145,7 @@ def main() -> None:
     T, L, k = opts.tokens, opts.seqlen, opts.topk
     scale = (D_V + D_ROPE) ** -0.5
     records = []
-    common = {"seqlen": L, "topk": k, "tokens": T, "device": name, "torch": torch.__version__,
-              "triton": triton.__version__, "python": platform.python_version()}
+    common = {"seqlen": L, "topk": k, "tokens": T, **environment(name)}
     print(f"{name} | torch {torch.__version__} | triton {triton.__version__} | T {T} | L {L} | k {k}")
     print(f"{'op':15} {'H':>4} {'config':>18} {'ms':>9} {'TFLOP/s':>8} {'baseline ms':>12} {'speedup':>8}")
     for H in opts.heads:

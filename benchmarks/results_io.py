@@ -4,8 +4,18 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+def environment(device: str) -> dict:
+    """The fields every benchmark record carries about where it ran: device name and versions."""
+    import torch
+    import triton
+
+    return {"device": device, "torch": torch.__version__, "triton": triton.__version__,
+            "python": platform.python_version()}
 
 
 def write_results(records: list, name: str, device: str, out_dir: str = RESULTS_DIR, tag: str = "") -> str:
