@@ -58,6 +58,21 @@ def _token_and_block(blocks_per_token, pid):
 
 
 @triton.jit
+def _program_heads(H, BLOCK_H: tl.constexpr):
+    """This program's (row within the launch, head ids [BLOCK_H], which of them are < H), head block
+    fastest (`_token_and_block`)."""
+    r, hb = _token_and_block(tl.cdiv(H, BLOCK_H), tl.program_id(0).to(tl.int64))
+    heads = hb * BLOCK_H + tl.arange(0, BLOCK_H)
+    return r, heads, heads < H
+
+
+@triton.jit
+def _pds_tile(r, heads, h_ok, slots, TOPK, stride_pt, stride_ph):
+    """Offsets and mask of the [heads, slots] tile of row r in the P / dS buffers [n, H, TOPK]."""
+    return r * stride_pt + heads[:, None] * stride_ph + slots[None, :], h_ok[:, None] & (slots < TOPK)[None, :]
+
+
+@triton.jit
 def _sparse_mla_fwd_kernel(
     Q, KV, IDX, OUT, LSE,
     scale_log2, H, TOPK,
@@ -65,9 +80,7 @@ def _sparse_mla_fwd_kernel(
     D_V: tl.constexpr, D_ROPE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
     DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    t, hb = _token_and_block(tl.cdiv(H, BLOCK_H), tl.program_id(0).to(tl.int64))
-    heads = hb * BLOCK_H + tl.arange(0, BLOCK_H)
-    h_ok = heads < H
+    t, heads, h_ok = _program_heads(H, BLOCK_H)
     q_nope, q_pe = _load_q(Q, t, heads, h_ok, stride_qt, stride_qh, D_V, D_ROPE)
 
     m = tl.full([BLOCK_H], float("-inf"), tl.float32)
@@ -123,11 +136,9 @@ def _sparse_mla_bwd_dq_kernel(
     gets dK/dV without recomputing the scores. WITH_DQ: also accumulate dq = dS K in registers;
     without it `_sparse_mla_bwd_dq_from_ds_kernel` computes dq afterwards, and this loop, free of the
     [BLOCK_H, D] fp32 accumulator, has room for more key-tile stages. The head block is the
-    fastest grid axis (`_token_and_block`)."""
-    r, hb = _token_and_block(tl.cdiv(H, BLOCK_H), tl.program_id(0).to(tl.int64))
+    fastest grid axis (`_program_heads`)."""
+    r, heads, h_ok = _program_heads(H, BLOCK_H)
     t = t0 + r
-    heads = hb * BLOCK_H + tl.arange(0, BLOCK_H)
-    h_ok = heads < H
     q_nope, q_pe, do, lse2, delta = _load_head_rows(Q, O, DO, LSE, t, heads, h_ok, stride_qt, stride_qh,
                                                     stride_dot, stride_doh, stride_lt, D_V, D_ROPE)
     dq_nope = tl.zeros([BLOCK_H, D_V], tl.float32)
@@ -143,8 +154,7 @@ def _sparse_mla_bwd_dq_kernel(
         if WITH_DQ:
             dq_nope += _dot(ds, k_nope, DOT_FP32, PRECISION)
             dq_pe += _dot(ds, k_pe, DOT_FP32, PRECISION)
-        pds = r * stride_pt + heads[:, None] * stride_ph + slots[None, :]
-        in_row = h_ok[:, None] & (slots < TOPK)[None, :]
+        pds, in_row = _pds_tile(r, heads, h_ok, slots, TOPK, stride_pt, stride_ph)
         tl.store(P + pds, p.to(P.dtype.element_ty), mask=in_row)
         tl.store(DS + pds, ds, mask=in_row)
     if WITH_DQ:
@@ -169,17 +179,15 @@ def _sparse_mla_bwd_dq_from_ds_kernel(
 ):
     """dq = dS K for one token t = t0 + r and BLOCK_H heads, from the dS that pass 1 stored: the
     forward's loop shape (gathered key tiles, one [BLOCK_H, D] fp32 accumulator) with one GEMM."""
-    r, hb = _token_and_block(tl.cdiv(H, BLOCK_H), tl.program_id(0).to(tl.int64))
+    r, heads, h_ok = _program_heads(H, BLOCK_H)
     t = t0 + r
-    heads = hb * BLOCK_H + tl.arange(0, BLOCK_H)
-    h_ok = heads < H
     dq_nope = tl.zeros([BLOCK_H, D_V], tl.float32)
     dq_pe = tl.zeros([BLOCK_H, D_ROPE], tl.float32)
     for start in range(0, TOPK, BLOCK_K):
         slots = start + tl.arange(0, BLOCK_K)
         valid, safe, k_nope, k_pe = _load_key_block(IDX, KV, t, slots, TOPK, stride_it, stride_kv, D_V, D_ROPE)
-        ds = tl.load(DS + r * stride_pt + heads[:, None] * stride_ph + slots[None, :],
-                     mask=h_ok[:, None] & (slots < TOPK)[None, :], other=0.0)
+        pds, in_row = _pds_tile(r, heads, h_ok, slots, TOPK, stride_pt, stride_ph)
+        ds = tl.load(DS + pds, mask=in_row, other=0.0)
         dq_nope += _dot(ds, k_nope, DOT_FP32, PRECISION)
         dq_pe += _dot(ds, k_pe, DOT_FP32, PRECISION)
     _store_dq(DQ, t, heads, h_ok, dq_nope, dq_pe, stride_qt, stride_qh, D_V, D_ROPE)
@@ -211,8 +219,7 @@ def _sparse_mla_bwd_dkv_kernel(
     in_row = slots < TOPK
     heads = tl.arange(0, H_PAD)
     h_ok = heads < H
-    pds = r * stride_pt + heads[:, None] * stride_ph + slots[None, :]
-    m = h_ok[:, None] & in_row[None, :]
+    pds, m = _pds_tile(r, heads, h_ok, slots, TOPK, stride_pt, stride_ph)
     p_t = tl.trans(tl.load(P + pds, mask=m, other=0.0))  # [BLOCK_K, H_PAD]
     ds_t = tl.trans(tl.load(DS + pds, mask=m, other=0.0))
     q_row = Q + t * stride_qt + heads[:, None] * stride_qh
@@ -372,7 +379,7 @@ def sparse_mla_bwd_triton(q, kv, indices, scale: float, d_v: int, out, lse, dout
     chunk = max(1, PDS_BYTES // (H * topk * q.element_size()))
     if deterministic:
         chunk = min(chunk, max(1, PARTIAL_BYTES // (topk * D * 4)))
-    keys = torch.arange(kv.shape[0] + 1, device=kv.device)
+    keys = torch.arange(kv.shape[0] + 1, device=kv.device) if deterministic else None  # segment bounds
 
     def dkv_pass(t0: int, n: int, p: torch.Tensor, ds: torch.Tensor) -> None:
         target = torch.empty(n * topk, D, dtype=torch.float32, device=kv.device) if deterministic else dkv
