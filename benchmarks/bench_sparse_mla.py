@@ -9,6 +9,12 @@ causal keys at random. Times are medians of triton.testing.do_bench (CUDA events
 the tensor-core work: forward 2*T*H*k*(D + D_V); backward 2*T*H*k*(3*D + 2*D_V) (S recomputed,
 dP, dQ, dK, dV). Baseline: gather the selected keys to [T, k, D], bmm, softmax, bmm (torch bf16),
 and its autograd backward. Writes benchmarks/results/sparse_mla-<device>.json.
+
+The forward records also carry its roofline (benchmarks/roofline.py): max(FLOPs / measured bf16
+GEMM peak, measured time to gather each token's selected kv rows once), and our time's fraction
+of it. `--indices indexer` takes each token's keys from the native indexer (logit_sum over the same
+random q and kv) instead of at random: popular keys, as in training. If FlashMLA is importable
+(`flash_mla`, built beside the project), its sparse forward is timed on the same problem (h64/h128).
 """
 
 from __future__ import annotations
@@ -38,11 +44,15 @@ def gather_bmm_attention(q, kv, idx, scale):
     return p @ keys[..., :D_V]
 
 
-def make_problem(T, L, H, k, device, gen):
+def make_problem(T, L, H, k, device, gen, indices="random"):
     import torch
 
     q = torch.randn(T, H, D_V + D_ROPE, device=device, dtype=torch.bfloat16, generator=gen)
     kv = torch.randn(L, D_V + D_ROPE, device=device, dtype=torch.bfloat16, generator=gen)
+    if indices == "indexer":
+        from kernels.native_topk import native_topk_triton
+
+        return q, kv, native_topk_triton(q, kv, k, "logit_sum", q_offset=L - T)
     pos = torch.arange(L - T, L, device=device)
     scores = torch.rand(T, L, device=device, generator=gen)
     scores = scores.masked_fill(torch.arange(L, device=device)[None, :] > pos[:, None], -1.0)
@@ -50,16 +60,32 @@ def make_problem(T, L, H, k, device, gen):
     return q, kv, idx
 
 
-def bench_heads(H, T, L, k, scale, sweep, dev, gen, common):
-    """Time the Triton kernels (best configuration) and the baseline at H heads; two records."""
+def flash_mla_ms(q, kv, idx, scale):
+    """Median ms of FlashMLA's sparse forward on the same problem, or None where it is not
+    installed or does not take this head count (it takes 64 or 128)."""
+    from triton.testing import do_bench
+
+    try:
+        from flash_mla import flash_mla_sparse_fwd
+    except ImportError:
+        return None
+    if q.shape[1] not in (64, 128):
+        return None
+    kv3, idx3 = kv.unsqueeze(1), idx.unsqueeze(1)  # its layout: one latent kv head
+    return do_bench(lambda: flash_mla_sparse_fwd(q, kv3, idx3, scale, D_V), warmup=25, rep=200, return_mode="median")
+
+
+def bench_heads(H, T, L, k, scale, sweep, dev, gen, common, indices="random", gemm_peak=None):
+    """Time the Triton kernels (best configuration) and the baseline at H heads; three records."""
     import torch
     import triton
     from triton.testing import do_bench
 
     from kernels.sparse_mla.triton_impl import default_config, sparse_mla_bwd_triton, sparse_mla_fwd_triton
+    from roofline import gather_ms
 
     records = []
-    q, kv, idx = make_problem(T, L, H, k, dev, gen)
+    q, kv, idx = make_problem(T, L, H, k, dev, gen, indices)
     fwd_flops = 2 * T * H * k * (D_V + D_ROPE + D_V)
     bwd_flops = 2 * T * H * k * (3 * (D_V + D_ROPE) + 2 * D_V)
     out, lse = sparse_mla_fwd_triton(q, kv, idx, scale, D_V)
@@ -107,6 +133,19 @@ def bench_heads(H, T, L, k, scale, sweep, dev, gen, common):
     sparse_mla_bwd_triton(q, kv, idx, scale, D_V, out, lse, dout, bwd_cfg)
     peak = torch.cuda.max_memory_allocated() / 2**30
 
+    g_ms, g_cfg = gather_ms(kv, idx, D_V)
+    compute_ms = fwd_flops / gemm_peak / 1e9
+    roof = dict(gather_ms=g_ms, gather_config=list(g_cfg), gather_tbps=T * k * (D_V + D_ROPE) * 2 / g_ms / 1e9,
+                gemm_peak_tflops=gemm_peak, roofline_ms=max(compute_ms, g_ms),
+                roofline_bound="gather" if g_ms > compute_ms else "compute",
+                roofline_frac=max(compute_ms, g_ms) / fwd_ms)
+    print(f"   roofline H{H}: gather {g_ms:.3f} ms ({roof['gather_tbps']:.2f} TB/s, config {g_cfg}), compute "
+          f"{compute_ms:.3f} ms at {gemm_peak:.0f} TFLOP/s -> bound {roof['roofline_bound']}; forward at "
+          f"{100 * roof['roofline_frac']:.0f}% of it")
+    peer_ms = flash_mla_ms(q, kv, idx, scale)
+    if peer_ms is not None:
+        print(f"   FlashMLA sparse forward H{H}: {peer_ms:.3f} ms ({fwd_flops / peer_ms / 1e9:.0f} TFLOP/s); "
+              f"ours {fwd_ms:.3f} ms, ratio {peer_ms / fwd_ms:.2f}")
     det_ms = do_bench(lambda: sparse_mla_bwd_triton(q, kv, idx, scale, D_V, out, lse, dout, bwd_cfg, deterministic=True),
                       warmup=3, rep=200, return_mode="median")
     for op, ms, flops, cfg, bms, det in (("sparse_mla_fwd", fwd_ms, fwd_flops, fwd_cfg, base_fwd, False),
@@ -117,7 +156,12 @@ def bench_heads(H, T, L, k, scale, sweep, dev, gen, common):
               + ("  (deterministic)" if det else ""))
         records.append(dict(common, op=op, heads=H, ms=ms, tflops=tflops, config=list(cfg), deterministic=det,
                             baseline="torch gather+bmm (bf16)", baseline_ms=bms, speedup=bms / ms,
-                            baseline_tflops=flops / bms / 1e9, peak_mem_gb=peak, baseline_peak_mem_gb=base_peak))
+                            baseline_tflops=flops / bms / 1e9, peak_mem_gb=peak, baseline_peak_mem_gb=base_peak,
+                            indices=indices))
+        if op == "sparse_mla_fwd":
+            records[-1].update(roof)
+            if peer_ms is not None:
+                records[-1].update(peer="FlashMLA flash_mla_sparse_fwd", peer_ms=peer_ms, peer_ratio=peer_ms / ms)
     torch.cuda.empty_cache()
     return records
 
@@ -131,6 +175,8 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=4096)
     p.add_argument("--sweep", type=int, nargs="*", default=[], metavar="H",
                    help="head counts at which to time block-size configurations too")
+    p.add_argument("--indices", choices=("random", "indexer"), default="random",
+                   help="each token's keys: random distinct causal ones, or the native indexer's top-k")
     p.add_argument("--out-dir", default=RESULTS_DIR)
     p.add_argument("--tag", default="", help="added to the result file's name")
     opts = p.parse_args()
@@ -148,8 +194,12 @@ def main() -> None:
     common = {"seqlen": L, "topk": k, "tokens": T, **environment(name)}
     print(f"{name} | torch {torch.__version__} | triton {triton.__version__} | T {T} | L {L} | k {k}")
     print(f"{'op':15} {'H':>4} {'config':>18} {'ms':>9} {'TFLOP/s':>8} {'baseline ms':>12} {'speedup':>8}")
+    from roofline import gemm_peak_tflops
+
+    gemm_peak = gemm_peak_tflops()
+    print(f"bf16 GEMM peak (torch.matmul 8192^3): {gemm_peak:.0f} TFLOP/s | indices: {opts.indices}")
     for H in opts.heads:
-        records += bench_heads(H, T, L, k, scale, H in opts.sweep, dev, gen, common)
+        records += bench_heads(H, T, L, k, scale, H in opts.sweep, dev, gen, common, opts.indices, gemm_peak)
         torch.cuda.empty_cache()
     write_results(records, "sparse_mla", name, opts.out_dir, opts.tag)
 
