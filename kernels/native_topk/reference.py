@@ -61,14 +61,24 @@ def native_topk_reference(
     L = kv.shape[0]
     out = torch.full((T, topk), -1, dtype=torch.int32, device=q.device)
     keep = min(topk, L)
-    rows = max(1, _CHUNK_ELEMENTS // (L * (H if mode == "prob_sum" else 1)))
+    rows = chunk_rows(L, H, mode)
     with torch.no_grad():
         for s in range(0, T, rows):
             e = min(T, s + rows)
             q_pos = torch.arange(s, e, device=q.device) + q_offset
-            scores = native_scores_reference(q[s:e], kv, mode, scale, q_pos)
-            # Stable descending sort: equal scores keep the lower key index first.
-            order = torch.sort(scores, dim=-1, descending=True, stable=True).indices[:, :keep]
-            best = torch.gather(scores, 1, order)
-            out[s:e, :keep] = torch.where(torch.isinf(best), -1, order).to(torch.int32)
+            out[s:e, :keep] = topk_of_scores(native_scores_reference(q[s:e], kv, mode, scale, q_pos), keep)
     return out
+
+
+def topk_of_scores(scores: torch.Tensor, keep: int) -> torch.Tensor:
+    """scores [C, L] (-inf = not allowed) -> [C, keep] int32 key indices, best first, equal scores
+    in ascending key order, -1 where fewer than `keep` keys are allowed."""
+    # Stable descending sort: equal scores keep the lower key index first.
+    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices[:, :keep]
+    best = torch.gather(scores, 1, order)
+    return torch.where(torch.isinf(best), -1, order).to(torch.int32)
+
+
+def chunk_rows(num_keys: int, heads: int, mode: str) -> int:
+    """Query rows per chunk so that the largest scoring temporary stays near _CHUNK_ELEMENTS."""
+    return max(1, _CHUNK_ELEMENTS // (num_keys * (heads if mode == "prob_sum" else 1)))

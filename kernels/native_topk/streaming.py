@@ -5,13 +5,19 @@ For the rows with more than k causal keys (the others take every causal key):
 2. Sample passes over every `SAMPLE_STEP`-th key: mean/std/max, then counts at a 32-point grid
    around the quantile k would sit at. Scaled to the full row, they give a write threshold `tw`
    expected to keep about `TARGET` x k keys.
-3. Main pass over all keys: exact counts at 16 of those thresholds, and every key scoring >= tw
-   written (score, index) to a per-row buffer of `cap` = CAP x k slots.
+3. Main pass over all keys: every key scoring >= tw written (score, index) to a per-row buffer of
+   `cap` = CAP x k slots, and the exact count of keys >= tw.
 4. Rows with k <= count(>= tw) <= cap hold all of their top-k in the buffer: `_select_kernel`
-   picks it exactly. Other rows go again (step 3) with a threshold taken from the exact counts:
-   a bracket [a, b) with count(>= a) >= k > count(>= b) narrows 17-fold per try, and once
+   picks it exactly. Other rows (about 1 in 50,000 on random data) get exact counts at 16 of the
+   sample's thresholds from a counting pass over just them, and go again (step 3) with a threshold
+   taken from those counts; retried main passes count at their own 16 thresholds as they go.
+   A bracket [a, b) with count(>= a) >= k > count(>= b) narrows 17-fold per try, and once
    count(>= a) <= cap, tw = a succeeds. After MAX_TRIES the row is done by the reference (only
    possible when more than cap - k keys tie at the k-th score).
+   When the rows missing the first main pass are few (their reference score matrix, rows x L
+   (x H for prob_sum), within REFERENCE_ELEMENTS), the reference does them at once instead: a
+   Triton pass over a few rows runs on a few SMs and takes as long as the whole pass (at L 32k,
+   prob_sum: 36 rows, about 20 ms of retries against about 1 ms of torch scoring).
 The selection is exact for the scores the kernels compute; see triton_impl.py for their precision.
 """
 
@@ -24,7 +30,7 @@ import triton
 
 from kernels.triton_utils import LOG2E, interpreting
 
-from .reference import _check as check_reference_inputs, native_topk_reference
+from .reference import _check as check_reference_inputs, chunk_rows, native_scores_reference, topk_of_scores
 from .triton_impl import _lse_kernel, _score_pass_kernel, _select_kernel
 
 SAMPLE_STEP = 16
@@ -33,10 +39,12 @@ MAIN_GRID = 16
 TARGET = 1.3  # write threshold aims at TARGET * k candidates ...
 CAP = 2  # ... into CAP * k buffer slots
 MAX_TRIES = 6
+REFERENCE_ELEMENTS = 1 << 25  # score elements up to which missed rows go to the reference
 BUFFER_BYTES = 1 << 30  # candidate buffers of one chunk of rows (32k rows at k = 2048)
 
-# Rows that needed main pass number i (key i) or the reference ("fallback"), since import;
-# benchmarks print it to show how often the first threshold misses on their data.
+# Rows that needed main pass number i (key i) or went to the reference ("reference": few rows
+# missing the first pass, or unresolved after MAX_TRIES), since import; benchmarks print it to
+# show how often the first threshold misses on their data.
 PASS_COUNTS: collections.Counter = collections.Counter()
 
 
@@ -106,7 +114,8 @@ class _Rows:
         return _Rows((self.A, self.P), self.kv, self.rows[slots].contiguous(), self.q_offset, self.scale, self.mode,
                      self.cfg, lse2)
 
-    def run(self, pass_id, key_step=1, th=None, tw=None, cap=0):
+    def run(self, pass_id, key_step=1, th=None, tw=None, cap=0, count=True):
+        """One `_score_pass_kernel` launch over these rows; count=False skips a main pass's counts at th."""
         dev, R = self.kv.device, self.R
         J = th.shape[1] if th is not None else 1
         th = th.contiguous() if th is not None else torch.empty(R, 1, device=dev)
@@ -122,7 +131,7 @@ class _Rows:
             R, self.kv.shape[0], self.q_offset, self.P, self.scale_log2, key_step, cap,
             *self.strides, self.kv.stride(0), self.lse2.stride(0), th.stride(0), buf_v.stride(0),
             PROB=self.prob, PASS=pass_id, J=J, NPARTS=1 if self.prob else self.P, D=self.kv.shape[1],
-            D_PAD=self.d_pad, DOT_FP32=interpreting(), **self.cfg,
+            D_PAD=self.d_pad, DOT_FP32=interpreting(), COUNT=count, **self.cfg,
         )
         return dict(stats=stats, counts=counts, count_w=count_w, rmax=rmax, buf_v=buf_v, buf_i=buf_i)
 
@@ -172,12 +181,16 @@ def _next_thresholds(th, counts, rmax, std, topk: int, cap: int):
 
 
 def _select(res: dict, slots, rows, out, topk: int, cap: int, grid) -> None:
-    """out[rows[slots]] = exact top-k of those slots' candidate buffers (res: a main pass at
-    thresholds grid [R, J])."""
-    # The highest threshold that still keeps >= topk keys bounds the k-th score from below.
-    lower = torch.where(res["counts"] >= topk, grid, float("-inf")).amax(1)
-    # The lowest threshold keeping < topk keys bounds it from above.
-    upper = torch.where(res["counts"] < topk, grid, float("inf")).amin(1)
+    """out[rows[slots]] = exact top-k of those slots' candidate buffers (res: a main pass that
+    counted at thresholds grid [R, J], or grid None where it did not count)."""
+    if grid is None:  # no counts: the bisection starts from the candidates' own min and max
+        lower = torch.full_like(res["rmax"], float("-inf"))
+        upper = torch.full_like(res["rmax"], float("inf"))
+    else:
+        # The highest threshold that still keeps >= topk keys bounds the k-th score from below.
+        lower = torch.where(res["counts"] >= topk, grid, float("-inf")).amax(1)
+        # The lowest threshold keeping < topk keys bounds it from above.
+        upper = torch.where(res["counts"] < topk, grid, float("inf")).amin(1)
     cp = triton.next_power_of_2(cap)
     rb = max(1, min(4, 8192 // cp))  # rows per program: amortises the bisection's reductions
     _select_kernel[(triton.cdiv(slots.numel(), rb),)](
@@ -193,29 +206,42 @@ def _select_rows(A, kv, q, rows, topk, mode, scale, q_offset, out, cfg):
     grid, tw, std = _first_thresholds(runner, n_keys, topk)
     for attempt in range(MAX_TRIES):
         PASS_COUNTS[attempt + 1] += runner.R
-        res = runner.run(2, th=grid, tw=tw, cap=cap)
+        # The first main pass does not count at the grid (16 compares a score, a quarter of its
+        # time): nearly every row fits. Retries are few rows and count as they go.
+        counted = attempt > 0
+        res = runner.run(2, th=grid, tw=tw, cap=cap, count=counted)
         fits = (res["count_w"] >= topk) & (res["count_w"] <= cap)
         good = torch.nonzero(fits).squeeze(1).to(torch.int32)
         if good.numel():
-            _select(res, good, runner.rows, out, topk, cap, grid)
+            _select(res, good, runner.rows, out, topk, cap, grid if counted else None)
         bad = torch.nonzero(~fits).squeeze(1)
         if bad.numel() == 0:
             return
+        runner = runner.subset(bad)
+        if attempt == 0 and runner.R * kv.shape[0] * (q.shape[1] if runner.prob else 1) <= REFERENCE_ELEMENTS:
+            break
         th = torch.cat([grid[bad], tw[bad, None]], 1)
-        counts = torch.cat([res["counts"][bad], res["count_w"][bad, None]], 1)
+        # count_w is the exact count at tw (the cursor counts past cap). The grid's counts come
+        # from a retried main pass itself, or after the first (uncounted) main pass from a
+        # counting pass over the bad rows only.
+        grid_counts = res["counts"][bad] if counted else runner.run(1, th=grid[bad])["counts"]
+        counts = torch.cat([grid_counts, res["count_w"][bad, None]], 1)
         std = std[bad]
         grid, tw = _next_thresholds(th, counts, res["rmax"][bad], std, topk, cap)
-        runner = runner.subset(bad)
-    PASS_COUNTS["fallback"] += runner.R
-    for r in runner.rows.tolist():  # unresolved after MAX_TRIES: more than cap - k ties at the k-th score
-        out[r] = _ascending(native_topk_reference(q[r : r + 1], kv, topk, mode, scale, q_offset + r)[0])
+    PASS_COUNTS["reference"] += runner.R
+    _reference_rows(q, kv, runner.rows, topk, mode, scale, q_offset, out)
 
 
-def _ascending(idx: torch.Tensor) -> torch.Tensor:
-    """One row of indices (-1 = none) in ascending key order, -1 last."""
+def _reference_rows(q, kv, rows, topk: int, mode: str, scale: float, q_offset: int, out) -> None:
+    """out[rows] = the reference's top-k of query rows `rows` (int32 [R], any rows of q), in
+    ascending key order, -1 last; in chunks of rows whose fp32 scores stay small."""
     big = torch.iinfo(torch.int32).max
-    s = torch.sort(torch.where(idx < 0, big, idx)).values
-    return torch.where(s == big, -1, s).to(torch.int32)
+    per = chunk_rows(kv.shape[0], q.shape[1], mode)
+    for s in range(0, rows.numel(), per):
+        r = rows[s : s + per].long()
+        idx = topk_of_scores(native_scores_reference(q[r], kv, mode, scale, r + q_offset), min(topk, kv.shape[0]))
+        asc = torch.sort(torch.where(idx < 0, big, idx), dim=1).values
+        out[r, : idx.shape[1]] = torch.where(asc == big, -1, asc).to(torch.int32)
 
 
 def native_topk_triton(q, kv, topk: int, mode: str = "logit_sum", scale: float = 1.0, q_offset: int = 0,

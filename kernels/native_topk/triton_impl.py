@@ -5,8 +5,9 @@ The [T, L] score matrix never reaches memory. Each pass recomputes scores tile b
 
 - `_score_pass_kernel` with PASS=0: sample statistics (count, sum, sum of squares, max);
   PASS=1: counts of scores >= each of J per-row thresholds (a cumulative histogram);
-  PASS=2: those counts, plus every (score, key) with score >= a per-row write threshold `tw`,
-  compacted in ascending key order into a per-row candidate buffer of `cap` slots.
+  PASS=2: every (score, key) with score >= a per-row write threshold `tw`, compacted in
+  ascending key order into a per-row candidate buffer of `cap` slots, the exact count >= tw and
+  (COUNT=True, retried rows only) the counts of PASS=1.
 - `_lse_kernel`: per-head log-sum-exp over the causal keys (prob_sum's first pass).
 - `_select_kernel`: the exact top-k of one row's candidates (ties: lower key index), by bisection
   on the order-preserving integer image of the fp32 scores.
@@ -112,9 +113,11 @@ def _score_pass_kernel(
     stride_ap, stride_at, stride_kv, stride_lr, stride_th, stride_buf,
     PROB: tl.constexpr, PASS: tl.constexpr, J: tl.constexpr, NPARTS: tl.constexpr, D: tl.constexpr,
     D_PAD: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, DC: tl.constexpr, DOT_FP32: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, DC: tl.constexpr, DOT_FP32: tl.constexpr, COUNT: tl.constexpr = True,
 ):
-    """One streaming pass over the causal keys of BM rows; keys j * key_step (key_step > 1 samples)."""
+    """One streaming pass over the causal keys of BM rows; keys j * key_step (key_step > 1 samples).
+    COUNT=False (PASS 2 only): skip the counts at the J thresholds (the first main pass, whose rows
+    mostly fit; the driver counts exactly only for the rows that did not)."""
     slots, rows, row_ok, n_keys = _row_block(ROWS, R, L, q_offset, BM)
     jj = tl.arange(0, J)
     counts = tl.zeros([BM, J], tl.int32)
@@ -136,7 +139,7 @@ def _score_pass_kernel(
             s_n += tl.sum(valid.to(tl.float32), 1)
             s_sum += tl.sum(finite, 1)
             s_sq += tl.sum(finite * finite, 1)
-        else:
+        elif COUNT:
             for j in tl.static_range(J):
                 th = tl.load(TH + slots * stride_th + j, mask=row_ok, other=float("inf"))
                 c = tl.sum((s >= th[:, None]).to(tl.int32), 1)
@@ -155,7 +158,7 @@ def _score_pass_kernel(
         tl.store(stats + 1, s_sum, mask=row_ok)
         tl.store(stats + 2, s_sq, mask=row_ok)
         tl.store(stats + 3, s_max, mask=row_ok)
-    else:
+    elif COUNT:
         tl.store(CNT + slots[:, None] * J + jj[None, :], counts, mask=row_ok[:, None])
     if PASS == 2:
         tl.store(CNT_W + slots, cursor, mask=row_ok)
