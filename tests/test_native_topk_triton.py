@@ -157,3 +157,31 @@ def test_bad_inputs_name_the_problem():
         native_topk_triton(q, kv, 0)
     with pytest.raises(ValueError, match="bf16, fp16 or fp32"):
         native_topk_triton(q, kv.double(), 2)
+
+
+def test_select_kernel_exact_on_close_and_tied_scores():
+    """The selection kernel alone, on candidates built to stress its bisection over the int32 image
+    of the scores: scores a few ulps apart, exact ties, +0.0 / -0.0, negatives and magnitudes near
+    the float limits (an int32 span near 2^32). Expected: the k largest, ties by buffer position
+    (= ascending key)."""
+    gen = torch.Generator().manual_seed(fresh_seed())
+    R, topk = 5, (2048 if GPU else 24)
+    cap = 2 * topk
+    ulps = torch.tensor([1.0, 1.0 + 2**-23, 1.0 + 2**-22, 1.0 + 2**-21]).repeat(cap // 4)
+    pools = [ulps, -ulps, torch.tensor([0.0, -0.0, 3e38, -3e38]).repeat(cap // 4),
+             torch.randint(-3, 4, (cap,), generator=gen).float(), torch.randn(cap, generator=gen)]
+    buf_v = torch.stack([p[torch.randperm(cap, generator=gen)] for p in pools])
+    buf_i = torch.stack([torch.sort(torch.randperm(10 * cap, generator=gen)[:cap]).values for _ in range(R)]).int()
+    count = torch.randint(topk, cap + 1, (R,), generator=gen).int()
+    rows = torch.arange(R, dtype=torch.int32)
+    out = torch.full((R, topk), -7, dtype=torch.int32)
+    rmax = torch.stack([buf_v[r, : int(count[r])].max() for r in range(R)])
+    res = {k: v.to(DEVICE) for k, v in dict(buf_v=buf_v, buf_i=buf_i, count_w=count, rmax=rmax).items()}
+    out_d = out.to(DEVICE)
+    streaming._select(res, rows.to(DEVICE), rows.to(DEVICE), out_d, topk, cap, None)  # no count bounds
+    for r in range(R):
+        n = int(count[r])
+        v = buf_v[r, :n] + 0.0  # -0.0 ties with +0.0
+        order = torch.sort(v, descending=True, stable=True).indices[:topk]
+        expected = buf_i[r, torch.sort(order).values].tolist()
+        assert out_d[r].cpu().tolist() == expected, f"row {r} ({n} candidates)"
