@@ -75,7 +75,7 @@ def flash_mla_ms(q, kv, idx, scale):
     return do_bench(lambda: flash_mla_sparse_fwd(q, kv3, idx3, scale, D_V), warmup=25, rep=200, return_mode="median")
 
 
-def bench_heads(H, T, L, k, scale, sweep, dev, gen, common, indices="random", gemm_peak=None):
+def bench_heads(H, T, L, k, scale, sweep, dev, gen, common, indices, gemm_peak):
     """Time the Triton kernels (best configuration) and the baseline at H heads; three records."""
     import torch
     import triton
@@ -135,10 +135,10 @@ def bench_heads(H, T, L, k, scale, sweep, dev, gen, common, indices="random", ge
 
     g_ms, g_cfg = gather_ms(kv, idx, D_V)
     compute_ms = fwd_flops / gemm_peak / 1e9
+    roof_ms = max(compute_ms, g_ms)
     roof = dict(gather_ms=g_ms, gather_config=list(g_cfg), gather_tbps=T * k * (D_V + D_ROPE) * 2 / g_ms / 1e9,
-                gemm_peak_tflops=gemm_peak, roofline_ms=max(compute_ms, g_ms),
-                roofline_bound="gather" if g_ms > compute_ms else "compute",
-                roofline_frac=max(compute_ms, g_ms) / fwd_ms)
+                gemm_peak_tflops=gemm_peak, roofline_ms=roof_ms,
+                roofline_bound="gather" if g_ms > compute_ms else "compute", roofline_frac=roof_ms / fwd_ms)
     print(f"   roofline H{H}: gather {g_ms:.3f} ms ({roof['gather_tbps']:.2f} TB/s, config {g_cfg}), compute "
           f"{compute_ms:.3f} ms at {gemm_peak:.0f} TFLOP/s -> bound {roof['roofline_bound']}; forward at "
           f"{100 * roof['roofline_frac']:.0f}% of it")

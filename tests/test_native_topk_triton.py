@@ -15,6 +15,7 @@ import torch
 
 import kernels.native_topk.streaming as streaming
 from kernels.native_topk import native_scores_reference, native_topk_reference, native_topk_triton
+from kernels.native_topk.reference import topk_of_scores
 from tests.conftest import fresh_seed
 
 GPU = torch.cuda.is_available()
@@ -181,7 +182,7 @@ def test_select_kernel_exact_on_close_and_tied_scores():
     streaming._select(res, rows.to(DEVICE), rows.to(DEVICE), out_d, topk, cap, None)  # no count bounds
     for r in range(R):
         n = int(count[r])
-        v = buf_v[r, :n] + 0.0  # -0.0 ties with +0.0
-        order = torch.sort(v, descending=True, stable=True).indices[:topk]
+        # The reference's rule (stable: ties keep the lower position); -0.0 ties with +0.0.
+        order = topk_of_scores(buf_v[None, r, :n] + 0.0, topk)[0].long()
         expected = buf_i[r, torch.sort(order).values].tolist()
         assert out_d[r].cpu().tolist() == expected, f"row {r} ({n} candidates)"

@@ -79,6 +79,11 @@ def topk_of_scores(scores: torch.Tensor, keep: int) -> torch.Tensor:
     return torch.where(torch.isinf(best), -1, order).to(torch.int32)
 
 
+def score_elements(rows: int, num_keys: int, heads: int, mode: str) -> int:
+    """Elements of the largest scoring temporary for `rows` query rows ([rows, H, L] for prob_sum)."""
+    return rows * num_keys * (heads if mode == "prob_sum" else 1)
+
+
 def chunk_rows(num_keys: int, heads: int, mode: str) -> int:
     """Query rows per chunk so that the largest scoring temporary stays near _CHUNK_ELEMENTS."""
-    return max(1, _CHUNK_ELEMENTS // (num_keys * (heads if mode == "prob_sum" else 1)))
+    return max(1, _CHUNK_ELEMENTS // score_elements(1, num_keys, heads, mode))

@@ -30,7 +30,8 @@ import triton
 
 from kernels.triton_utils import LOG2E, interpreting
 
-from .reference import _check as check_reference_inputs, chunk_rows, native_scores_reference, topk_of_scores
+from .reference import (_check as check_reference_inputs, chunk_rows, native_scores_reference, score_elements,
+                        topk_of_scores)
 from .triton_impl import _lse_kernel, _score_pass_kernel, _select_kernel
 
 SAMPLE_STEP = 16
@@ -218,7 +219,7 @@ def _select_rows(A, kv, q, rows, topk, mode, scale, q_offset, out, cfg):
         if bad.numel() == 0:
             return
         runner = runner.subset(bad)
-        if attempt == 0 and runner.R * kv.shape[0] * (q.shape[1] if runner.prob else 1) <= REFERENCE_ELEMENTS:
+        if attempt == 0 and score_elements(runner.R, kv.shape[0], q.shape[1], mode) <= REFERENCE_ELEMENTS:
             break
         th = torch.cat([grid[bad], tw[bad, None]], 1)
         # count_w is the exact count at tw (the cursor counts past cap). The grid's counts come
