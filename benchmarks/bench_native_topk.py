@@ -8,8 +8,8 @@ T = L queries of one causal sequence (every row of a training sequence), D = 576
 Baseline, per block of `--baseline-rows` query rows (only the causal key prefix of the block):
 logit_sum: (sum_h q) in bf16 @ kv^T on cuBLAS, fp32 scores, causal mask, torch.topk;
 prob_sum: per-head logits (bf16 GEMM), fp32 softmax, sum over heads, torch.topk.
-The baseline's bf16 rounding of sum_h q is less exact than the kernel's hi+lo split, so it is the
-faster of the two possible torch paths. Times: CUDA events, median of --reps after one warm-up.
+Both sides score with the same bf16 sum_h q (the reference's rounding; kernels/native_topk/
+reference.py), so they compute the same scores up to fp32 summation order. Times: CUDA events, median of --reps after one warm-up.
 Writes benchmarks/results/native_topk-<device>.json (op native_topk).
 """
 

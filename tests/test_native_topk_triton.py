@@ -6,7 +6,8 @@ Set semantics: the Triton rows list the same keys as the reference in ascending 
   logit_sum the sets must be identical, ties included (lower key index wins).
 - Random float inputs: both sides round differently, so keys whose reference score lies within
   `tol` of the k-th score may swap; every other key must be decided the same way.
-  tol: logit_sum 1e-5 x max|score| of the row (the bf16 hi+lo split of sum_h q is exact to 2^-17);
+  tol: logit_sum 1e-5 x max|score| of the row (both sides use the same bf16 sum_h q; the fp32 sums
+  differ in order only);
   prob_sum 1e-5 x H.
 """
 
@@ -68,13 +69,21 @@ def test_logit_sum_exact_with_ties(shape, dtype):
     check_rows(got, ref, None, k)
 
 
-@pytest.mark.parametrize("mode", ["logit_sum", "prob_sum"])
+# (q dtype, kv dtype, mode): one bf16 part of sum_h q, fp32 throughout, and the hi + lo split that
+# fp32 q against bf16 kv takes (logit_sum only: prob_sum rounds q to kv's dtype).
+FLOAT_CASES = [(torch.bfloat16, torch.bfloat16, "logit_sum"), (torch.bfloat16, torch.bfloat16, "prob_sum"),
+               (torch.float32, torch.float32, "logit_sum"), (torch.float32, torch.float32, "prob_sum"),
+               (torch.float32, torch.bfloat16, "logit_sum")]
+if GPU:  # the fp32 prob_sum reference at D 576, H 128 takes most of a minute a shape on the GPU
+    FLOAT_CASES.remove((torch.float32, torch.float32, "prob_sum"))
+
+
+@pytest.mark.parametrize("q_dtype,kv_dtype,mode", FLOAT_CASES, ids=lambda c: str(c).replace("torch.", ""))
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "T{}-L{}-H{}-D{}-k{}-off{}".format(*s))
-def test_float_inputs_agree_up_to_near_ties(shape, mode):
+def test_float_inputs_agree_up_to_near_ties(shape, q_dtype, kv_dtype, mode):
     T, L, H, D, k, off = shape
     gen = torch.Generator().manual_seed(fresh_seed())
-    dtype = torch.bfloat16 if GPU else torch.float32
-    q, kv = torch.randn(T, H, D, generator=gen).to(dtype), torch.randn(L, D, generator=gen).to(dtype)
+    q, kv = torch.randn(T, H, D, generator=gen).to(q_dtype), torch.randn(L, D, generator=gen).to(kv_dtype)
     scale = D**-0.5
     qd, kvd = q.to(DEVICE), kv.to(DEVICE)
     ref = native_topk_reference(qd, kvd, k, mode, scale, off).cpu()
@@ -177,7 +186,11 @@ def test_select_kernel_exact_on_close_and_tied_scores():
     rows = torch.arange(R, dtype=torch.int32)
     out = torch.full((R, topk), -7, dtype=torch.int32)
     rmax = torch.stack([buf_v[r, : int(count[r])].max() for r in range(R)])
-    res = {k: v.to(DEVICE) for k, v in dict(buf_v=buf_v, buf_i=buf_i, count_w=count, rmax=rmax).items()}
+    # The main pass's buffer format: (int32 image of the score that orders like the floats) << 32 | key.
+    bits = (buf_v + 0.0).view(torch.int32)
+    image = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+    buf = (image.long() << 32) | buf_i.long()
+    res = {k: v.to(DEVICE) for k, v in dict(buf=buf, count_w=count, rmax=rmax).items()}
     out_d = out.to(DEVICE)
     streaming._select(res, rows.to(DEVICE), rows.to(DEVICE), out_d, topk, cap, None)  # no count bounds
     for r in range(R):

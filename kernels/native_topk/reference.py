@@ -31,15 +31,22 @@ def native_scores_reference(
     q: torch.Tensor, kv: torch.Tensor, mode: str, scale: float, q_pos: torch.Tensor
 ) -> torch.Tensor:
     """Scores [C, L] (fp32, -inf on non-causal keys) for query rows q [C, H, D] at positions q_pos [C]."""
-    q32, kv32 = q.float(), kv.float()
+    kv32 = kv.float()
     allowed = _causal_mask(q_pos, kv.shape[0])
     if mode == "logit_sum":
-        scores = q32.sum(dim=1) @ kv32.t()
+        # sum_h q in fp32, rounded to q's dtype (what q.sum(1) returns for bf16 q), then an fp32
+        # dot: every 16-bit product is exact, so fast kernels differ only in summation order.
+        scores = logit_sum_query(q) @ kv32.t()
     else:
-        logits = torch.einsum("chd,ld->chl", q32, kv32) * scale
+        logits = torch.einsum("chd,ld->chl", q.float(), kv32) * scale
         logits = logits.masked_fill(~allowed.unsqueeze(1), float("-inf"))
         scores = torch.softmax(logits, dim=-1).sum(dim=1)
     return scores.masked_fill(~allowed, float("-inf"))
+
+
+def logit_sum_query(q: torch.Tensor) -> torch.Tensor:
+    """q [C, H, D] -> sum_h q [C, D] fp32: summed in fp32, rounded once to q's dtype."""
+    return q.sum(dim=1, dtype=torch.float32).to(q.dtype).float()
 
 
 def native_topk_reference(

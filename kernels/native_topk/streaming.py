@@ -30,8 +30,8 @@ import triton
 
 from kernels.triton_utils import LOG2E, interpreting
 
-from .reference import (_check as check_reference_inputs, chunk_rows, native_scores_reference, score_elements,
-                        topk_of_scores)
+from .reference import (_check as check_reference_inputs, chunk_rows, logit_sum_query, native_scores_reference,
+                        score_elements, topk_of_scores)
 from .triton_impl import _lse_kernel, _score_pass_kernel, _select_kernel
 
 SAMPLE_STEP = 16
@@ -73,9 +73,9 @@ def _operand(q: torch.Tensor, kv: torch.Tensor, mode: str, d_pad: int):
     logit_sum A = [T, P * d_pad], the P parts of sum_h q side by side, zero-padded."""
     if mode == "prob_sum":
         return q.to(kv.dtype).transpose(0, 1), q.shape[1]
-    qs = q.sum(dim=1, dtype=torch.float32)  # no fp32 copy of all of q
-    parts = [qs] if kv.dtype == torch.float32 else [qs.to(kv.dtype)]
-    if kv.dtype != torch.float32:
+    qs = logit_sum_query(q)  # the reference's sum_h q: fp32 sum rounded to q's dtype
+    parts = [qs.to(kv.dtype)]
+    if q.dtype != kv.dtype and kv.dtype != torch.float32:  # q wider than kv: hi + lo parts
         parts.append((qs - parts[0].float()).to(kv.dtype))
     A = torch.zeros(qs.shape[0], len(parts), d_pad, dtype=kv.dtype, device=kv.device)
     for p, part in enumerate(parts):
@@ -125,16 +125,15 @@ class _Rows:
         counts = torch.empty(R, J, dtype=torch.int32, device=dev)
         count_w = torch.empty(R, dtype=torch.int32, device=dev)
         rmax = torch.empty(R, device=dev)
-        buf_v = torch.empty(R if pass_id == 2 else 1, max(cap, 1), device=dev)
-        buf_i = torch.empty(buf_v.shape, dtype=torch.int32, device=dev)
+        buf = torch.empty(R if pass_id == 2 else 1, max(cap, 1), dtype=torch.int64, device=dev)  # packed (score, key)
         _score_pass_kernel[(triton.cdiv(R, self.cfg["BM"]),)](
-            self.A, self.kv, self.lse2, self.rows, th, tw, stats, counts, count_w, rmax, buf_v, buf_i,
+            self.A, self.kv, self.lse2, self.rows, th, tw, stats, counts, count_w, rmax, buf,
             R, self.kv.shape[0], self.q_offset, self.P, self.scale_log2, key_step, cap,
-            *self.strides, self.kv.stride(0), self.lse2.stride(0), th.stride(0), buf_v.stride(0),
+            *self.strides, self.kv.stride(0), self.lse2.stride(0), th.stride(0), buf.stride(0),
             PROB=self.prob, PASS=pass_id, J=J, NPARTS=1 if self.prob else self.P, D=self.kv.shape[1],
             D_PAD=self.d_pad, DOT_FP32=interpreting(), COUNT=count, **self.cfg,
         )
-        return dict(stats=stats, counts=counts, count_w=count_w, rmax=rmax, buf_v=buf_v, buf_i=buf_i)
+        return dict(stats=stats, counts=counts, count_w=count_w, rmax=rmax, buf=buf)
 
 
 def _first_thresholds(runner: _Rows, n_keys: torch.Tensor, topk: int):
@@ -195,7 +194,7 @@ def _select(res: dict, slots, rows, out, topk: int, cap: int, grid) -> None:
     cp = triton.next_power_of_2(cap)
     rb = max(1, min(4, 8192 // cp))  # rows per program: amortises the bisection's reductions
     _select_kernel[(triton.cdiv(slots.numel(), rb),)](
-        res["buf_v"], res["buf_i"], res["count_w"], lower, upper, slots, rows, out, slots.numel(), topk, res["buf_v"].stride(0),
+        res["buf"], res["count_w"], lower, upper, slots, rows, out, slots.numel(), topk, res["buf"].stride(0),
         out.stride(0), RB=rb, CP=cp, num_warps=min(16, max(4, rb * cp // 1024)))
 
 

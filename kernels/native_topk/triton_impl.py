@@ -6,17 +6,18 @@ The [T, L] score matrix never reaches memory. Each pass recomputes scores tile b
 - `_score_pass_kernel` with PASS=0: sample statistics (count, sum, sum of squares, max);
   PASS=1: counts of scores >= each of J per-row thresholds (a cumulative histogram);
   PASS=2: every (score, key) with score >= a per-row write threshold `tw`, compacted in
-  ascending key order into a per-row candidate buffer of `cap` slots, the exact count >= tw and
+  ascending key order into a per-row candidate buffer of `cap` int64 slots (the score's
+  order-preserving int32 image in the high half, the key in the low half), the exact count >= tw and
   (COUNT=True, retried rows only) the counts of PASS=1.
 - `_lse_kernel`: per-head log-sum-exp over the causal keys (prob_sum's first pass).
 - `_select_kernel`: the exact top-k of one row's candidates (ties: lower key index), by bisection
   on the order-preserving integer image of the fp32 scores.
 
 Scores are built from an operand A against kv [L, D]:
-- logit_sum: A [T, P * D_PAD] holds sum_h q[:, h] split into P parts of kv's dtype whose sum is
-  the fp32 value (P = 2 for bf16/fp16: hi + lo; P = 1 for fp32), each zero-padded to D_PAD (a
-  multiple of the K chunk DC). The score is the fp32 dot up to 2^-17 of sum_d |qs_d kv_d| while
-  every GEMM runs on 16-bit tensor cores.
+- logit_sum: A [T, P * D_PAD] holds the reference's sum_h q[:, h] (fp32 sum rounded to q's dtype)
+  in P parts of kv's dtype, each zero-padded to D_PAD (a multiple of the K chunk DC). P = 1 when q
+  and kv share a dtype: the products are exact and the score differs from the reference's fp32 dot
+  only in summation order. P = 2 (hi + lo, exact to 2^-17) only for fp32 q against 16-bit kv.
 - prob_sum: A is q itself viewed [H, T, D]; score = sum_h exp2(scale_log2 * logit_h - lse2_h).
 The host driver (streaming.py) picks thresholds, retries rows whose candidates did not fit, and
 falls back to the reference for rows that cannot be resolved (more than cap - k tied scores).
@@ -107,8 +108,16 @@ def _lse_kernel(A, KV, ROWS, LSE2, R, L, q_offset, scale_log2,
 
 
 @triton.jit
+def _ordered_key(x):
+    """fp32 -> int32 that orders like the floats (negative floats get their magnitude bits
+    flipped; -0.0 is first made +0.0 so that it equals +0.0)."""
+    bits = (x + 0.0).to(tl.int32, bitcast=True)
+    return tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+
+
+@triton.jit
 def _score_pass_kernel(
-    A, KV, LSE2, ROWS, TH, TW, STATS, CNT, CNT_W, RMAX, BUF_V, BUF_I,
+    A, KV, LSE2, ROWS, TH, TW, STATS, CNT, CNT_W, RMAX, BUF,
     R, L, q_offset, P, scale_log2, key_step, cap,
     stride_ap, stride_at, stride_kv, stride_lr, stride_th, stride_buf,
     PROB: tl.constexpr, PASS: tl.constexpr, J: tl.constexpr, NPARTS: tl.constexpr, D: tl.constexpr,
@@ -127,6 +136,10 @@ def _score_pass_kernel(
     s_max = tl.full([BM], float("-inf"), tl.float32)
     cursor = tl.zeros([BM], tl.int32)
     tw = tl.load(TW + slots, mask=row_ok, other=float("inf"))
+    # tri[i, j] = (i <= j): take [BM, BN] @ tri is the inclusive prefix count of each row's taken
+    # keys, on the tensor cores and in the accumulator's own layout. tl.cumsum would move the tile
+    # through shared memory and back; at L 32k that alone cost about 0.85 ms (NOTES, fifth round).
+    tri = tl.where(tl.arange(0, BN)[:, None] <= tl.arange(0, BN)[None, :], 1.0, 0.0).to(tl.bfloat16)
     span = tl.max(n_keys)
     for k0 in range(0, tl.cdiv(span, key_step), BN):
         keys = (k0 + tl.arange(0, BN)) * key_step
@@ -145,13 +158,16 @@ def _score_pass_kernel(
                 c = tl.sum((s >= th[:, None]).to(tl.int32), 1)
                 counts += tl.where(jj[None, :] == j, c[:, None], 0)
         if PASS == 2:
-            take = (s >= tw[:, None]).to(tl.int32)
-            pos = cursor[:, None] + tl.cumsum(take, 1) - 1
-            keep = (take > 0) & (pos < cap)
-            buf = slots[:, None] * stride_buf + pos
-            tl.store(BUF_V + buf, s, mask=keep)
-            tl.store(BUF_I + buf, keys[None, :] + tl.zeros([BM, BN], tl.int32), mask=keep)
-            cursor += tl.sum(take, 1)
+            take = s >= tw[:, None]
+            # exact: at most BN <= 256 ones a row, 0/1 operands, fp32 accumulation
+            ones = tl.where(take, 1.0, 0.0).to(tl.bfloat16)  # (bool -> bf16 directly fails in the interpreter)
+            pos = cursor[:, None] + dot(ones, tri, DOT_FP32, "ieee").to(tl.int32) - 1
+            keep = take & (pos < cap)
+            # One 8-byte store a candidate: each lands in its own memory sector, so two 4-byte
+            # stores (score, key) cost twice as much (about 2 ms at L 32k).
+            packed = (_ordered_key(s).to(tl.int64) << 32) | keys[None, :].to(tl.int64)
+            tl.store(BUF + slots[:, None] * stride_buf + pos, packed, mask=keep)
+            cursor += tl.sum(take.to(tl.int32), 1)
     if PASS == 0:
         stats = STATS + slots * 4
         tl.store(stats, s_n, mask=row_ok)
@@ -166,20 +182,14 @@ def _score_pass_kernel(
 
 
 @triton.jit
-def _ordered_key(x):
-    """fp32 -> int32 that orders like the floats (negative floats get their magnitude bits
-    flipped; -0.0 is first made +0.0 so that it equals +0.0)."""
-    bits = (x + 0.0).to(tl.int32, bitcast=True)
-    return tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
-
-
-@triton.jit
-def _select_kernel(BUF_V, BUF_I, CNT_W, LOWER, UPPER, SLOTS, ROWS, OUT, n_slots, topk, stride_buf, stride_out,
+def _select_kernel(BUF, CNT_W, LOWER, UPPER, SLOTS, ROWS, OUT, n_slots, topk, stride_buf, stride_out,
                    RB: tl.constexpr, CP: tl.constexpr):
     """Exact top-k of the candidates of RB rows (topk <= count <= CP each), in ascending key order.
 
-    fp32 scores map to int32 keys that order like the floats (`_ordered_key`); bisection finds each row's k-th largest key v; the row takes every key above v
-    and, of those equal to v, the lowest-indexed ones (the buffer is in ascending key order).
+    BUF holds each candidate as (int32 image of its score that orders like the floats, from
+    `_ordered_key`) << 32 | key index. Bisection finds each row's k-th largest image v; the row takes
+    every key above v and, of those equal to v, the lowest-indexed ones (the buffer is in ascending
+    key order).
     LOWER/UPPER [slots]: scores known to satisfy count(>= lower) >= topk > count(>= upper) (from the
     main pass's exact counts); they narrow the bisection's starting range, so it takes fewer steps."""
     r = tl.program_id(0) * RB + tl.arange(0, RB)
@@ -190,8 +200,8 @@ def _select_kernel(BUF_V, BUF_I, CNT_W, LOWER, UPPER, SLOTS, ROWS, OUT, n_slots,
     offs = tl.arange(0, CP)
     ok = (offs[None, :] < count[:, None]) & r_ok[:, None]
     buf = slot[:, None] * stride_buf + offs[None, :]
-    key = _ordered_key(tl.load(BUF_V + buf, mask=ok, other=0.0))
-    key = tl.where(ok, key, -2147483647 - 1)  # below every real score's key
+    packed = tl.load(BUF + buf, mask=ok, other=0)
+    key = tl.where(ok, (packed >> 32).to(tl.int32), -2147483647 - 1)  # masked: below every real score's key
     lower = _ordered_key(tl.load(LOWER + slot, mask=r_ok, other=float("-inf")))
     lo = tl.maximum(tl.min(tl.where(ok, key, 2147483647), 1), lower).to(tl.int64)
     # count(>= upper) < topk, so the k-th key is below upper's key.
@@ -211,5 +221,5 @@ def _select_kernel(BUF_V, BUF_I, CNT_W, LOWER, UPPER, SLOTS, ROWS, OUT, n_slots,
     need = topk - tl.sum(above.to(tl.int32), 1)
     take = (above | ((tied > 0) & (tl.cumsum(tied, 1) <= need[:, None]))).to(tl.int32)
     pos = tl.cumsum(take, 1) - 1
-    idx = tl.load(BUF_I + buf, mask=ok, other=-1)
+    idx = (packed & 0xFFFFFFFF).to(tl.int32)
     tl.store(OUT + row[:, None] * stride_out + pos, idx, mask=(take > 0) & r_ok[:, None])
