@@ -18,10 +18,34 @@ kernels/native_topk/NOTES.md, not a second implementation: the kernels live in t
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 
 import torch
 import triton
 import triton.language as tl
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+sys.path.insert(0, HERE)
+
+from bench_native_topk import cuda_ms  # noqa: E402
+from kernels.native_topk.triton_impl import _ordered_key  # noqa: E402
+
+
+@triton.jit
+def _tile_operands(A, KV, a_desc, b_desc, rows, row_ok, row0, t, c, T, D: tl.constexpr, BN: tl.constexpr,
+                   DC: tl.constexpr, TMA: tl.constexpr):
+    """D chunk c of the row block ([BM, DC]) and of key tile t ([BN, DC]), by descriptor or by pointers."""
+    if TMA:
+        a = a_desc.load([row0, c * DC])
+        b = b_desc.load([t * BN, c * DC])
+    else:
+        cols = c * DC + tl.arange(0, DC)
+        keys = t * BN + tl.arange(0, BN)
+        a = tl.load(A + rows[:, None].to(tl.int64) * D + cols[None, :], mask=row_ok[:, None], other=0.)
+        b = tl.load(KV + keys[:, None].to(tl.int64) * D + cols[None, :], mask=(keys < T)[:, None], other=0.)
+    return a, b
 
 
 @triton.jit
@@ -43,9 +67,7 @@ def _epilogue(acc, rows, keys, tw, cursor, smax, BUF_V, BUF_I, BUF_P, CUR, cap, 
             keep = (take > 0) & (pos < cap)
             buf = rows[:, None].to(tl.int64) * cap + pos
             if EPI == 8:
-                bits = (s + 0.0).to(tl.int32, bitcast=True)
-                image = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
-                tl.store(BUF_P + buf, (image.to(tl.int64) << 32) | keys[None, :].to(tl.int64), mask=keep)
+                tl.store(BUF_P + buf, (_ordered_key(s).to(tl.int64) << 32) | keys[None, :].to(tl.int64), mask=keep)
             else:
                 tl.store(BUF_I + buf, keys[None, :] + tl.zeros_like(pos), mask=keep)
             if EPI == 6:
@@ -74,6 +96,7 @@ def k_epi(A, KV, TW, BUF_V, BUF_I, BUF_P, CUR, CNT, OUT, T, cap, D: tl.constexpr
     tw = tl.load(TW + rows, mask=row_ok, other=float("inf"))
     n_tiles = tl.cdiv(tl.minimum(row0 + BM, T), BN)
     NC: tl.constexpr = D // DC
+    a_desc, b_desc = A, KV  # unused without TMA
     if TMA:
         a_desc = tl.make_tensor_descriptor(A, shape=[T, D], strides=[D, 1], block_shape=[BM, DC])
         b_desc = tl.make_tensor_descriptor(KV, shape=[T, D], strides=[D, 1], block_shape=[BN, DC])
@@ -85,14 +108,7 @@ def k_epi(A, KV, TW, BUF_V, BUF_I, BUF_P, CUR, CNT, OUT, T, cap, D: tl.constexpr
         for step in range(0, n_tiles * NC):
             t = step // NC
             c = step % NC
-            if TMA:
-                a = a_desc.load([row0, c * DC])
-                b = b_desc.load([t * BN, c * DC])
-            else:
-                cols = c * DC + tl.arange(0, DC)
-                keys = t * BN + tl.arange(0, BN)
-                a = tl.load(A + rows[:, None].to(tl.int64) * D + cols[None, :], mask=row_ok[:, None], other=0.)
-                b = tl.load(KV + keys[:, None].to(tl.int64) * D + cols[None, :], mask=(keys < T)[:, None], other=0.)
+            a, b = _tile_operands(A, KV, a_desc, b_desc, rows, row_ok, row0, t, c, T, D, BN, DC, TMA)
             acc = tl.dot(a, b.T, acc)
             if c == NC - 1:
                 cursor, smax = _epilogue(acc, rows, t * BN + tl.arange(0, BN), tw, cursor, smax, BUF_V, BUF_I, BUF_P, CUR, cap, tri, EPI)
@@ -101,32 +117,11 @@ def k_epi(A, KV, TW, BUF_V, BUF_I, BUF_P, CUR, CNT, OUT, T, cap, D: tl.constexpr
         for t in range(0, n_tiles):
             acc = tl.zeros([BM, BN], tl.float32)
             for c in range(0, NC):
-                if TMA:
-                    a = a_desc.load([row0, c * DC])
-                    b = b_desc.load([t * BN, c * DC])
-                else:
-                    cols = c * DC + tl.arange(0, DC)
-                    keys = t * BN + tl.arange(0, BN)
-                    a = tl.load(A + rows[:, None].to(tl.int64) * D + cols[None, :], mask=row_ok[:, None], other=0.)
-                    b = tl.load(KV + keys[:, None].to(tl.int64) * D + cols[None, :], mask=(keys < T)[:, None], other=0.)
+                a, b = _tile_operands(A, KV, a_desc, b_desc, rows, row_ok, row0, t, c, T, D, BN, DC, TMA)
                 acc = tl.dot(a, b.T, acc)
             cursor, smax = _epilogue(acc, rows, t * BN + tl.arange(0, BN), tw, cursor, smax, BUF_V, BUF_I, BUF_P, CUR, cap, tri, EPI)
     tl.store(OUT + rows, smax, mask=row_ok)
     tl.store(CNT + rows, cursor, mask=row_ok)
-
-
-def cuda_ms(fn, reps=5):
-    fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
 
 
 # (BM, BN, DC, warps, stages, FLAT, TMA, EPI)
@@ -164,7 +159,7 @@ def main() -> None:
                                         DC=DC, FLAT=flat, TMA=tma, EPI=epi, num_warps=w, num_stages=st)
         name = f"BM {BM} BN {BN} warps {w} stages {st} flat {flat:d} tma {tma:d} EPI {epi}"
         try:
-            ms = cuda_ms(fn)
+            ms = cuda_ms(fn, 5)
         except Exception as e:  # a tile that does not fit (shared memory) is reported, not fatal
             print(f"{name}: failed: {type(e).__name__}: {str(e)[:120]}")
             continue
