@@ -49,13 +49,13 @@ def main() -> None:
         cap = st.CAP * k
         try:
             A = st._operand(q, kv, opts.mode, st._d_pad(D, cfg))
-            runner = st._Rows(A, kv, rows, 0, D**-0.5, opts.mode, cfg)
+            runner = st._Rows(A, kv, rows, 0, D**-0.5, opts.mode, cfg, row_base=k)
             grid, tw, _ = st._first_thresholds(runner, n_keys, k)
             res = runner.run(2, th=grid, tw=tw, cap=cap)
             out = torch.empty(L, k, dtype=torch.int32, device=dev)
             good = torch.arange(rows.numel(), device=dev, dtype=torch.int32)
             times = {
-                "lse": cuda_ms(lambda: st._Rows(A, kv, rows, 0, D**-0.5, opts.mode, cfg), 3),
+                "lse": cuda_ms(lambda: st._Rows(A, kv, rows, 0, D**-0.5, opts.mode, cfg, row_base=k), 3),
                 "stats(sample)": cuda_ms(lambda: runner.run(0, key_step=st.SAMPLE_STEP), 3),
                 "counts(sample)": cuda_ms(lambda: runner.run(1, key_step=st.SAMPLE_STEP, th=torch.cat([grid, grid], 1)), 3),
                 # The first main pass skips the grid counts; retried passes count at 16 thresholds.

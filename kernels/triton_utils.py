@@ -16,9 +16,9 @@ def interpreting() -> bool:
 
 
 @triton.jit
-def dot(a, b, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr):
-    """tl.dot with fp32 accumulation. Under the interpreter 16-bit tl.dot is not reliable, so the
-    launchers pass DOT_FP32=True there and the operands are widened first."""
+def dot(a, b, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, acc=None):
+    """tl.dot with fp32 accumulation (into acc when given). Under the interpreter 16-bit tl.dot is
+    not reliable, so the launchers pass DOT_FP32=True there and the operands are widened first."""
     if DOT_FP32:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision=PRECISION)
-    return tl.dot(a, b, input_precision=PRECISION)
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision=PRECISION)
+    return tl.dot(a, b, acc, input_precision=PRECISION)

@@ -25,7 +25,7 @@ DEVICE = "cuda" if GPU else "cpu"
 if GPU:
     SHAPES = [(4096, 4096, 16, 576, 2048, 0), (2047, 8191, 128, 576, 2048, 6144), (3001, 3001, 8, 576, 512, 0)]
 else:
-    SHAPES = [(37, 37, 8, 40, 8, 0), (29, 61, 16, 24, 16, 32), (45, 45, 3, 24, 64, 0), (33, 33, 2, 48, 5, 0)]
+    SHAPES = [(37, 37, 8, 40, 8, 0), (29, 61, 16, 24, 16, 32), (45, 45, 3, 24, 64, 0), (33, 33, 2, 64, 5, 0)]
 
 
 def selected(row: torch.Tensor) -> list:
@@ -170,16 +170,20 @@ def test_bad_inputs_name_the_problem():
 
 
 def test_select_kernel_exact_on_close_and_tied_scores():
-    """The selection kernel alone, on candidates built to stress its bisection over the int32 image
-    of the scores: scores a few ulps apart, exact ties, +0.0 / -0.0, negatives and magnitudes near
-    the float limits (an int32 span near 2^32). Expected: the k largest, ties by buffer position
-    (= ascending key)."""
+    """The selection kernel alone, on candidates built to stress its interpolation search over the
+    int32 image of the scores: scores a few ulps apart, exact ties, +0.0 / -0.0, negatives and
+    magnitudes near the float limits (an int32 span near 2^32), magnitudes spread over 2^-100 ..
+    2^100, and a tight cluster with far outliers (where linear interpolation guesses badly).
+    Expected: the k largest, ties by buffer position (= ascending key)."""
     gen = torch.Generator().manual_seed(fresh_seed())
-    R, topk = 5, (2048 if GPU else 24)
+    topk = 2048 if GPU else 24
     cap = 2 * topk
     ulps = torch.tensor([1.0, 1.0 + 2**-23, 1.0 + 2**-22, 1.0 + 2**-21]).repeat(cap // 4)
     pools = [ulps, -ulps, torch.tensor([0.0, -0.0, 3e38, -3e38]).repeat(cap // 4),
-             torch.randint(-3, 4, (cap,), generator=gen).float(), torch.randn(cap, generator=gen)]
+             torch.randint(-3, 4, (cap,), generator=gen).float(), torch.randn(cap, generator=gen),
+             torch.exp2(torch.rand(cap, generator=gen) * 200 - 100),
+             torch.cat([1 + 1e-6 * torch.rand(cap - 8, generator=gen), torch.tensor([-1e30, 1e30] * 4)])]
+    R = len(pools)
     buf_v = torch.stack([p[torch.randperm(cap, generator=gen)] for p in pools])
     buf_i = torch.stack([torch.sort(torch.randperm(10 * cap, generator=gen)[:cap]).values for _ in range(R)]).int()
     count = torch.randint(topk, cap + 1, (R,), generator=gen).int()

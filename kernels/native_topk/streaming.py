@@ -24,9 +24,11 @@ The selection is exact for the scores the kernels compute; see triton_impl.py fo
 from __future__ import annotations
 
 import collections
+import math
 
 import torch
 import triton
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from kernels.triton_utils import LOG2E, interpreting
 
@@ -37,7 +39,7 @@ from .triton_impl import _lse_kernel, _score_pass_kernel, _select_kernel
 SAMPLE_STEP = 16
 SAMPLE_GRID = 32
 MAIN_GRID = 16
-TARGET = 1.3  # write threshold aims at TARGET * k candidates ...
+TARGET = 1.4  # write threshold aims at TARGET * k candidates ...
 CAP = 2  # ... into CAP * k buffer slots
 MAX_TRIES = 6
 REFERENCE_ELEMENTS = 1 << 25  # score elements up to which missed rows go to the reference
@@ -49,14 +51,16 @@ BUFFER_BYTES = 1 << 30  # candidate buffers of one chunk of rows (32k rows at k 
 PASS_COUNTS: collections.Counter = collections.Counter()
 
 
-def default_config(mode: str) -> dict:
+def default_config(mode: str, kv_dtype: torch.dtype = torch.bfloat16) -> dict:
     """Tile sizes of the scoring passes (BM rows x BN keys, D in DC-wide chunks)."""
     if interpreting():
         return dict(BM=16, BN=16, DC=32, num_warps=4, num_stages=1)
     # Best of `benchmarks/profile_native_topk.py` on an H100 (kernels/native_topk/NOTES.md).
     if mode == "prob_sum":
         return dict(BM=128, BN=128, DC=64, num_warps=8, num_stages=3)
-    return dict(BM=64, BN=128, DC=64, num_warps=8, num_stages=3)
+    if kv_dtype == torch.float32:  # 4-byte operands: the 16-bit tiles would exceed shared memory
+        return dict(BM=64, BN=128, DC=64, num_warps=8, num_stages=3)
+    return dict(BM=128, BN=128, DC=64, num_warps=8, num_stages=4)
 
 
 def _check(q: torch.Tensor, kv: torch.Tensor, topk: int, mode: str) -> None:
@@ -71,8 +75,8 @@ def _check(q: torch.Tensor, kv: torch.Tensor, topk: int, mode: str) -> None:
 def _operand(q: torch.Tensor, kv: torch.Tensor, mode: str, d_pad: int):
     """(A, P) in kv's dtype (see triton_impl.py): prob_sum A = q viewed [H, T, D], P = H;
     logit_sum A = [T, P * d_pad], the P parts of sum_h q side by side, zero-padded."""
-    if mode == "prob_sum":
-        return q.to(kv.dtype).transpose(0, 1), q.shape[1]
+    if mode == "prob_sum":  # contiguous [T, H, D] underneath, so that rows are [T, H * D] for TMA
+        return q.to(kv.dtype).contiguous().transpose(0, 1), q.shape[1]
     qs = logit_sum_query(q)  # the reference's sum_h q: fp32 sum rounded to q's dtype
     parts = [qs.to(kv.dtype)]
     if q.dtype != kv.dtype and kv.dtype != torch.float32:  # q wider than kv: hi + lo parts
@@ -87,11 +91,19 @@ def _d_pad(d: int, cfg: dict) -> int:
     return triton.cdiv(d, cfg["DC"]) * cfg["DC"]
 
 
-class _Rows:
-    """Launches the passes for one set of rows (slots 0..R-1 map to query rows `rows`)."""
+def _tma_ok(t: torch.Tensor, strides) -> bool:
+    """Whether a descriptor over t with these strides (elements, last 1) meets the copy engine's
+    alignment: 16-byte base and strides."""
+    size = t.element_size()
+    return t.data_ptr() % 16 == 0 and strides[-1] == 1 and all(s * size % 16 == 0 for s in strides[:-1])
 
-    def __init__(self, operand, kv, rows, q_offset, scale, mode, cfg, lse2=None):
-        self.mode, self.scale = mode, scale
+
+class _Rows:
+    """Launches the passes for one set of rows (slots 0..R-1 map to query rows `rows`;
+    rows == row_base + slot when row_base is not None, which lets the passes load by TMA)."""
+
+    def __init__(self, operand, kv, rows, q_offset, scale, mode, cfg, lse2=None, row_base=None):
+        self.mode, self.scale, self.row_base = mode, scale, row_base
         (self.A, self.P), self.kv, self.rows, self.q_offset, self.cfg = operand, kv, rows, q_offset, cfg
         self.prob = mode == "prob_sum"
         self.scale_log2 = scale * LOG2E
@@ -115,9 +127,26 @@ class _Rows:
         return _Rows((self.A, self.P), self.kv, self.rows[slots].contiguous(), self.q_offset, self.scale, self.mode,
                      self.cfg, lse2)
 
+    def _descriptors(self, key_step: int, cfg: dict):
+        """(a_desc, kv_desc, True) for TMA loads, or (A, kv, False) where the rows are not
+        contiguous or the layout does not allow it (alignment; prob_sum heads not whole chunks)."""
+        kv, DC = self.kv, cfg["DC"]
+        if self.prob:
+            A2 = self.A.transpose(0, 1)  # [T, H, D], contiguous (_operand)
+            A2 = A2.reshape(A2.shape[0], -1) if A2.is_contiguous() and kv.shape[1] % DC == 0 else None
+        else:
+            A2 = self.A
+        kv_strides = [key_step * kv.stride(0), 1]
+        if self.row_base is None or A2 is None or not (_tma_ok(A2, A2.stride()) and _tma_ok(kv, kv_strides)):
+            return self.A, kv, False
+        a_desc = TensorDescriptor(A2, list(A2.shape), list(A2.stride()), [cfg["BM"], DC])
+        kv_desc = TensorDescriptor(kv, [triton.cdiv(kv.shape[0], key_step), kv.shape[1]], kv_strides, [cfg["BN"], DC])
+        return a_desc, kv_desc, True
+
     def run(self, pass_id, key_step=1, th=None, tw=None, cap=0, count=True):
         """One `_score_pass_kernel` launch over these rows; count=False skips a main pass's counts at th."""
-        dev, R = self.kv.device, self.R
+        dev, R, cfg = self.kv.device, self.R, self.cfg
+        a_desc, kv_desc, tma = self._descriptors(key_step, cfg)
         J = th.shape[1] if th is not None else 1
         th = th.contiguous() if th is not None else torch.empty(R, 1, device=dev)
         tw = tw.contiguous() if tw is not None else torch.empty(R, device=dev)
@@ -126,12 +155,12 @@ class _Rows:
         count_w = torch.empty(R, dtype=torch.int32, device=dev)
         rmax = torch.empty(R, device=dev)
         buf = torch.empty(R if pass_id == 2 else 1, max(cap, 1), dtype=torch.int64, device=dev)  # packed (score, key)
-        _score_pass_kernel[(triton.cdiv(R, self.cfg["BM"]),)](
-            self.A, self.kv, self.lse2, self.rows, th, tw, stats, counts, count_w, rmax, buf,
-            R, self.kv.shape[0], self.q_offset, self.P, self.scale_log2, key_step, cap,
+        _score_pass_kernel[(triton.cdiv(R, cfg["BM"]),)](
+            self.A, self.kv, a_desc, kv_desc, self.lse2, self.rows, th, tw, stats, counts, count_w, rmax, buf,
+            R, self.kv.shape[0], self.q_offset, self.row_base or 0, self.P, self.scale_log2, key_step, cap,
             *self.strides, self.kv.stride(0), self.lse2.stride(0), th.stride(0), buf.stride(0),
             PROB=self.prob, PASS=pass_id, J=J, NPARTS=1 if self.prob else self.P, D=self.kv.shape[1],
-            D_PAD=self.d_pad, DOT_FP32=interpreting(), COUNT=count, **self.cfg,
+            D_PAD=self.d_pad, DOT_FP32=interpreting(), TMA=tma, COUNT=count, **cfg,
         )
         return dict(stats=stats, counts=counts, count_w=count_w, rmax=rmax, buf=buf)
 
@@ -151,7 +180,15 @@ def _first_thresholds(runner: _Rows, n_keys: torch.Tensor, topk: int):
     est = runner.run(1, key_step=SAMPLE_STEP, th=grid)["counts"].float() * (n_keys.float() / n_s)[:, None]
     j_w = ((est >= target).sum(1) - 1).clamp(min=0)
     pick = (j_w[:, None] - MAIN_GRID // 2 + 1 + torch.arange(MAIN_GRID, device=grid.device)).clamp(0, SAMPLE_GRID - 1)
-    return grid.gather(1, pick), grid.gather(1, j_w[:, None]).squeeze(1), std
+    # Between the last grid point estimated to keep >= target keys and the next, the count falls
+    # about geometrically (a score tail): aim at target on the log of the estimates. Taking the grid
+    # point itself kept 1.48 k keys a row on average at L 32k when aiming at 1.3 k (NOTES, seventh round).
+    at = lambda j: (grid.gather(1, j[:, None]).squeeze(1), est.gather(1, j[:, None]).squeeze(1))
+    (g0, e0), (g1, e1) = at(j_w), at((j_w + 1).clamp(max=SAMPLE_GRID - 1))
+    ok = (e0 >= target) & (e1 > 0) & (e1 < e0)
+    frac = ((e0.clamp(min=1).log() - math.log(target)) / (e0.clamp(min=1).log() - e1.clamp(min=1).log()).clamp(min=1e-9))
+    tw = g0 + (g1 - g0) * torch.where(ok, frac.clamp(0, 1), 0.0)
+    return grid.gather(1, pick), tw, std
 
 
 def _next_thresholds(th, counts, rmax, std, topk: int, cap: int):
@@ -183,7 +220,7 @@ def _next_thresholds(th, counts, rmax, std, topk: int, cap: int):
 def _select(res: dict, slots, rows, out, topk: int, cap: int, grid) -> None:
     """out[rows[slots]] = exact top-k of those slots' candidate buffers (res: a main pass that
     counted at thresholds grid [R, J], or grid None where it did not count)."""
-    if grid is None:  # no counts: the bisection starts from the candidates' own min and max
+    if grid is None:  # no counts: the search starts from the candidates' own min and max
         lower = torch.full_like(res["rmax"], float("-inf"))
         upper = torch.full_like(res["rmax"], float("inf"))
     else:
@@ -192,16 +229,18 @@ def _select(res: dict, slots, rows, out, topk: int, cap: int, grid) -> None:
         # The lowest threshold keeping < topk keys bounds it from above.
         upper = torch.where(res["counts"] < topk, grid, float("inf")).amin(1)
     cp = triton.next_power_of_2(cap)
-    rb = max(1, min(4, 8192 // cp))  # rows per program: amortises the bisection's reductions
+    # Rows per program: at cap 4096 one row on 4 warps is fastest (1.84 ms at L 32k against 2.52
+    # for 2 rows on 4 warps and 2.81 on 8; NOTES, seventh round).
+    rb = max(1, min(4, 4096 // cp))
     _select_kernel[(triton.cdiv(slots.numel(), rb),)](
         res["buf"], res["count_w"], lower, upper, slots, rows, out, slots.numel(), topk, res["buf"].stride(0),
-        out.stride(0), RB=rb, CP=cp, num_warps=min(16, max(4, rb * cp // 1024)))
+        out.stride(0), RB=rb, CP=cp, num_warps=4)
 
 
-def _select_rows(A, kv, q, rows, topk, mode, scale, q_offset, out, cfg):
-    """Fill out[rows] (rows: int32 [R], each with more than topk causal keys)."""
+def _select_rows(A, kv, q, rows, topk, mode, scale, q_offset, out, cfg, row_base: int):
+    """Fill out[rows] (rows: int32 [R] = row_base, row_base + 1, ..., each with more than topk causal keys)."""
     cap = CAP * topk
-    runner = _Rows(A, kv, rows, q_offset, scale, mode, cfg)
+    runner = _Rows(A, kv, rows, q_offset, scale, mode, cfg, row_base=row_base)
     n_keys = (rows.long() + q_offset + 1).clamp(max=kv.shape[0])
     grid, tw, std = _first_thresholds(runner, n_keys, topk)
     for attempt in range(MAX_TRIES):
@@ -253,17 +292,21 @@ def native_topk_triton(q, kv, topk: int, mode: str = "logit_sum", scale: float =
     T, L = q.shape[0], kv.shape[0]
     dev = kv.device
     with torch.no_grad():
-        n_keys = (torch.arange(T, device=dev) + q_offset + 1).clamp(max=L)
-        slot = torch.arange(topk, device=dev)[None, :]
-        out = torch.where(slot < n_keys[:, None], slot, -1).to(torch.int32).contiguous()
         first = max(0, topk - q_offset)  # rows before this have <= topk causal keys: all taken
-        if first >= T or L <= topk:
+        head = T if L <= topk else min(T, first)
+        # Rows from `head` on are written whole by the selection (or the reference), so only the
+        # head rows get their keys 0..n-1 here (a [T, topk] fill cost about 0.4 ms at T 32k).
+        out = torch.empty(T, topk, dtype=torch.int32, device=dev)
+        slot = torch.arange(topk, device=dev, dtype=torch.int32)[None, :]
+        n_head = (torch.arange(head, device=dev, dtype=torch.int32) + q_offset + 1).clamp(max=L)
+        out[:head] = torch.where(slot < n_head[:, None], slot, -1)
+        if head == T:
             return out
         kv = kv.contiguous()
-        cfg = config or default_config(mode)
+        cfg = config or default_config(mode, kv.dtype)
         A = _operand(q.detach(), kv.detach(), mode, _d_pad(kv.shape[1], cfg))
         chunk = max(cfg["BM"], BUFFER_BYTES // (CAP * topk * 8))
         for s in range(first, T, chunk):
             rows = torch.arange(s, min(T, s + chunk), device=dev, dtype=torch.int32)
-            _select_rows(A, kv, q, rows, topk, mode, scale, q_offset, out, cfg)
+            _select_rows(A, kv, q, rows, topk, mode, scale, q_offset, out, cfg, s)
     return out
