@@ -30,22 +30,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 
 from bench_native_topk import cuda_ms  # noqa: E402
-from kernels.native_topk.triton_impl import _ordered_key  # noqa: E402
-
-
-@triton.jit
-def _tile_operands(A, KV, a_desc, b_desc, rows, row_ok, row0, t, c, T, D: tl.constexpr, BN: tl.constexpr,
-                   DC: tl.constexpr, TMA: tl.constexpr):
-    """D chunk c of the row block ([BM, DC]) and of key tile t ([BN, DC]), by descriptor or by pointers."""
-    if TMA:
-        a = a_desc.load([row0, c * DC])
-        b = b_desc.load([t * BN, c * DC])
-    else:
-        cols = c * DC + tl.arange(0, DC)
-        keys = t * BN + tl.arange(0, BN)
-        a = tl.load(A + rows[:, None].to(tl.int64) * D + cols[None, :], mask=row_ok[:, None], other=0.)
-        b = tl.load(KV + keys[:, None].to(tl.int64) * D + cols[None, :], mask=(keys < T)[:, None], other=0.)
-    return a, b
+from kernels.native_topk.triton_impl import _operands, _ordered_key  # noqa: E402
 
 
 @triton.jit
@@ -108,7 +93,7 @@ def k_epi(A, KV, TW, BUF_V, BUF_I, BUF_P, CUR, CNT, OUT, T, cap, D: tl.constexpr
         for step in range(0, n_tiles * NC):
             t = step // NC
             c = step % NC
-            a, b = _tile_operands(A, KV, a_desc, b_desc, rows, row_ok, row0, t, c, T, D, BN, DC, TMA)
+            a, b = _operands(A, KV, a_desc, b_desc, rows, row_ok, row0, t, 0, c, 1, T, 0, D, D, D, D, BN, DC, TMA)
             acc = tl.dot(a, b.T, acc)
             if c == NC - 1:
                 cursor, smax = _epilogue(acc, rows, t * BN + tl.arange(0, BN), tw, cursor, smax, BUF_V, BUF_I, BUF_P, CUR, cap, tri, EPI)
@@ -117,7 +102,7 @@ def k_epi(A, KV, TW, BUF_V, BUF_I, BUF_P, CUR, CNT, OUT, T, cap, D: tl.constexpr
         for t in range(0, n_tiles):
             acc = tl.zeros([BM, BN], tl.float32)
             for c in range(0, NC):
-                a, b = _tile_operands(A, KV, a_desc, b_desc, rows, row_ok, row0, t, c, T, D, BN, DC, TMA)
+                a, b = _operands(A, KV, a_desc, b_desc, rows, row_ok, row0, t, 0, c, 1, T, 0, D, D, D, D, BN, DC, TMA)
                 acc = tl.dot(a, b.T, acc)
             cursor, smax = _epilogue(acc, rows, t * BN + tl.arange(0, BN), tw, cursor, smax, BUF_V, BUF_I, BUF_P, CUR, cap, tri, EPI)
     tl.store(OUT + rows, smax, mask=row_ok)

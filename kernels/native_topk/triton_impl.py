@@ -49,8 +49,8 @@ def _operands(A, KV, a_desc, kv_desc, rows, row_ok, row0, t, h, c, key_step, spa
     d0 = (c % NCD) * DC
     a_col = h * stride_ap + (c // NCD) * D_PAD + d0
     if TMA:  # (descriptor offsets must be int32; the step counter is int64 when the rows are)
-        a = a_desc.load([row0.to(tl.int32), a_col.to(tl.int32)])
-        b = kv_desc.load([(t * BN).to(tl.int32), d0.to(tl.int32)])
+        a = a_desc.load([tl.cast(row0, tl.int32), tl.cast(a_col, tl.int32)])
+        b = kv_desc.load([tl.cast(t * BN, tl.int32), tl.cast(d0, tl.int32)])
     else:
         cols = d0 + tl.arange(0, DC)
         keys = (t * BN + tl.arange(0, BN)) * key_step
@@ -65,11 +65,18 @@ def _operands(A, KV, a_desc, kv_desc, rows, row_ok, row0, t, h, c, key_step, spa
 
 
 @triton.jit
+def _first_slot(BM: tl.constexpr):
+    """The first slot of this program's block of rows. Programs take row blocks last first: the
+    last rows have the most causal keys, so they start first and the short blocks fill in behind
+    them (causal load balance)."""
+    return (tl.num_programs(0) - 1 - tl.program_id(0)) * BM
+
+
+@triton.jit
 def _row_block(ROWS, R, L, q_offset, BM: tl.constexpr):
-    """Slots, row ids, validity and causal key counts [BM] of this program's block of rows.
-    Programs take row blocks last first: the last rows have the most causal keys, so they start
-    first and the short blocks fill in behind them (causal load balance)."""
-    slots = (tl.num_programs(0) - 1 - tl.program_id(0)) * BM + tl.arange(0, BM)
+    """Slots, row ids, validity and causal key counts [BM] of this program's block of rows
+    (slots _first_slot(BM) ... + BM - 1)."""
+    slots = _first_slot(BM) + tl.arange(0, BM)
     row_ok = slots < R
     rows = tl.load(ROWS + slots, mask=row_ok, other=0).to(tl.int64)  # rows * strides may pass 2^31
     n_keys = tl.where(row_ok, tl.minimum(rows + q_offset + 1, L), 0)
@@ -159,7 +166,7 @@ def _score_pass_kernel(
     software pipeline then runs across tile boundaries, so the next tile's first chunks load while
     this tile's epilogue runs (NOTES, seventh round)."""
     slots, rows, row_ok, n_keys = _row_block(ROWS, R, L, q_offset, BM)
-    row0 = row_base + (tl.num_programs(0) - 1 - tl.program_id(0)) * BM  # the block's first row (TMA)
+    row0 = row_base + _first_slot(BM)  # the block's first row (TMA)
     counts = tl.zeros([BM, J], tl.int32)
     s_n = tl.zeros([BM], tl.float32)
     s_sum = tl.zeros([BM], tl.float32)
