@@ -160,7 +160,7 @@ class _Rows:
             R, self.kv.shape[0], self.q_offset, self.row_base or 0, self.P, self.scale_log2, key_step, cap,
             *self.strides, self.kv.stride(0), self.lse2.stride(0), th.stride(0), buf.stride(0),
             PROB=self.prob, PASS=pass_id, J=J, NPARTS=1 if self.prob else self.P, D=self.kv.shape[1],
-            D_PAD=self.d_pad, DOT_FP32=interpreting(), TMA=tma, COUNT=count, **cfg,
+            D_PAD=self.d_pad, DOT_FP32=interpreting(), TMA=tma, COUNT=count, ASM_STORE=not interpreting(), **cfg,
         )
         return dict(stats=stats, counts=counts, count_w=count_w, rmax=rmax, buf=buf)
 
@@ -260,13 +260,13 @@ def _select_rows(A, kv, q, rows, topk, mode, scale, q_offset, out, cfg, row_base
         if attempt == 0 and score_elements(runner.R, kv.shape[0], q.shape[1], mode) <= REFERENCE_ELEMENTS:
             break
         th = torch.cat([grid[bad], tw[bad, None]], 1)
-        # count_w is the exact count at tw (the cursor counts past cap). The grid's counts come
-        # from a retried main pass itself, or after the first (uncounted) main pass from a
-        # counting pass over the bad rows only.
-        grid_counts = res["counts"][bad] if counted else runner.run(1, th=grid[bad])["counts"]
-        counts = torch.cat([grid_counts, res["count_w"][bad, None]], 1)
+        # count_w is the exact count at tw (the cursor counts past cap). The grid's counts and
+        # the row max come from a retried main pass itself, or after the first (uncounted) main
+        # pass from a counting pass over the bad rows only.
+        grid_res = {k: res[k][bad] for k in ("counts", "rmax")} if counted else runner.run(1, th=grid[bad])
+        counts = torch.cat([grid_res["counts"], res["count_w"][bad, None]], 1)
         std = std[bad]
-        grid, tw = _next_thresholds(th, counts, res["rmax"][bad], std, topk, cap)
+        grid, tw = _next_thresholds(th, counts, grid_res["rmax"], std, topk, cap)
     PASS_COUNTS["reference"] += runner.R
     _reference_rows(q, kv, runner.rows, topk, mode, scale, q_offset, out)
 

@@ -116,13 +116,70 @@ def _ordered_key(x):
     return tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
 
 
+# The candidate store as inline PTX: the same test, position and 8-byte value as the tl.store path
+# of `_store_candidates`. $1 row buffer, $2 score, $3 write threshold, $4 inclusive prefix count
+# (fp32), $5 cursor - 1 + 2^23 (fp32), $6 key, $7 cap; $0 is a dummy result.
+_STORE_PTX = tl.constexpr("""{
+.reg .pred p, q; .reg .b32 pos, img, m; .reg .f32 t; .reg .b64 a, v;
+setp.ge.f32 p, $2, $3;
+add.f32 t, $4, $5;
+mov.b32 pos, t;
+sub.s32 pos, pos, 0x4B000000;
+setp.lt.s32 q, pos, $7;
+and.pred p, p, q;
+add.f32 t, $2, 0f00000000;
+mov.b32 img, t;
+shr.s32 m, img, 31;
+and.b32 m, m, 0x7FFFFFFF;
+xor.b32 img, img, m;
+mad.wide.s32 a, pos, 8, $1;
+mov.b64 v, {$6, img};
+@p st.global.b64 [a], v;
+mov.b32 $0, 0;
+}""")
+
+
+@triton.jit
+def _store_candidates(row_buf, s, tw, incl, cursor, keys, cap, ASM: tl.constexpr):
+    """Write each score s >= tw of the tile at slot cursor + incl - 1 of its row's buffer (while
+    below cap) as (_ordered_key(s) << 32) | key. row_buf [BM] pointers, s/incl [BM, BN] fp32 (incl:
+    inclusive prefix counts of the taken keys, exact integers), tw/cursor [BM], keys [BN] int32.
+
+    ASM (the GPU path): the test, position, packing and store in one inline-PTX op a score. A
+    tl.store would make the compiler move the pointers, values and masks of the whole tile from
+    the MMA's register layout into the store's coalesced layout through shared memory (about 70
+    barriers a tile) and spill registers, for stores that are scattered anyway: the main pass at
+    L 32k took 3.9 ms, 1.9 of them in this step (NOTES, eighth round). The position comes from
+    incl + (cursor - 1 + 2^23) in fp32, whose bits minus those of 2^23 are the integer (exact while
+    below 2^24: cursor is clamped to cap, and cap + BN < 2^23), so no float-to-int conversions.
+    The interpreter (CPU) runs the tl.store path."""
+    if ASM:
+        base = (tl.minimum(cursor, cap) - 1).to(tl.float32) + 8388608.0
+        # (row addresses as int64: triton 3.6 takes no pointer operands here)
+        tl.inline_asm_elementwise(
+            _STORE_PTX, "=r,l,f,f,f,f,r,r",
+            [tl.broadcast_to(row_buf.to(tl.int64)[:, None], s.shape), s, tl.broadcast_to(tw[:, None], s.shape), incl,
+             tl.broadcast_to(base[:, None], s.shape), tl.broadcast_to(keys[None, :], s.shape),
+             tl.full(s.shape, cap, tl.int32)],
+            dtype=tl.int32, is_pure=False, pack=1)
+    else:
+        pos = cursor[:, None] + incl.to(tl.int32) - 1
+        keep = (s >= tw[:, None]) & (pos < cap)
+        packed = (_ordered_key(s).to(tl.int64) << 32) | keys[None, :].to(tl.int64)
+        tl.store(row_buf[:, None] + pos, packed, mask=keep)
+
+
 @triton.jit
 def _reduce_tile(s, valid, keys, slots, row_ok, tw, TH, BUF, stride_th, stride_buf, cap, tri,
                  counts, s_n, s_sum, s_sq, s_max, cursor,
-                 PASS: tl.constexpr, J: tl.constexpr, COUNT: tl.constexpr, DOT_FP32: tl.constexpr):
+                 PASS: tl.constexpr, J: tl.constexpr, COUNT: tl.constexpr, DOT_FP32: tl.constexpr,
+                 ASM_STORE: tl.constexpr):
     """Fold one tile's scores s [BM, BN] (-inf where not `valid`) into the pass's per-row state:
-    counts [BM, J], sample sums s_n/s_sum/s_sq [BM], row max s_max [BM], candidate cursor [BM]."""
-    s_max = tl.maximum(s_max, tl.max(s, 1))
+    counts [BM, J], sample sums s_n/s_sum/s_sq [BM], row max s_max [BM], candidate cursor [BM].
+    The first main pass (PASS 2 without COUNT) keeps no row max: only retries use it, and they
+    get it from their counting pass."""
+    if PASS != 2 or COUNT:
+        s_max = tl.maximum(s_max, tl.max(s, 1))
     if PASS == 0:
         finite = tl.where(valid, s, 0.0)
         s_n += tl.sum(valid.to(tl.float32), 1)
@@ -135,16 +192,13 @@ def _reduce_tile(s, valid, keys, slots, row_ok, tw, TH, BUF, stride_th, stride_b
             c = tl.sum((s >= th[:, None]).to(tl.int32), 1)
             counts += tl.where(jj[None, :] == j, c[:, None], 0)
     if PASS == 2:
-        take = s >= tw[:, None]
         # exact: at most BN <= 256 ones a row, 0/1 operands, fp32 accumulation
-        ones = tl.where(take, 1.0, 0.0).to(tl.bfloat16)  # (bool -> bf16 directly fails in the interpreter)
-        pos = cursor[:, None] + dot(ones, tri, DOT_FP32, "ieee").to(tl.int32) - 1
-        keep = take & (pos < cap)
+        ones = tl.where(s >= tw[:, None], 1.0, 0.0).to(tl.bfloat16)  # (bool -> bf16 directly fails in the interpreter)
+        incl = dot(ones, tri, DOT_FP32, "ieee")
         # One 8-byte store a candidate: each lands in its own memory sector, so two 4-byte
         # stores (score, key) cost twice as much (about 2 ms at L 32k).
-        packed = (_ordered_key(s).to(tl.int64) << 32) | keys[None, :].to(tl.int64)
-        tl.store(BUF + slots[:, None] * stride_buf + pos, packed, mask=keep)
-        cursor += tl.sum(take.to(tl.int32), 1)
+        _store_candidates(BUF + slots.to(tl.int64) * stride_buf, s, tw, incl, cursor, keys, cap, ASM_STORE)
+        cursor += tl.max(incl, 1).to(tl.int32)  # (incl rises along the row: its max is the row's count)
     return counts, s_n, s_sum, s_sq, s_max, cursor
 
 
@@ -155,7 +209,7 @@ def _score_pass_kernel(
     stride_ap, stride_at, stride_kv, stride_lr, stride_th, stride_buf,
     PROB: tl.constexpr, PASS: tl.constexpr, J: tl.constexpr, NPARTS: tl.constexpr, D: tl.constexpr,
     D_PAD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, DC: tl.constexpr, DOT_FP32: tl.constexpr,
-    TMA: tl.constexpr, COUNT: tl.constexpr = True,
+    TMA: tl.constexpr, COUNT: tl.constexpr = True, ASM_STORE: tl.constexpr = False,
 ):
     """One streaming pass over the causal keys of BM rows; keys j * key_step (key_step > 1 samples).
     COUNT=False (PASS 2 only): skip the counts at the J thresholds (the first main pass, whose rows
@@ -207,7 +261,7 @@ def _score_pass_kernel(
                 s = tl.where(valid, s, float("-inf"))
                 counts, s_n, s_sum, s_sq, s_max, cursor = _reduce_tile(
                     s, valid, keys, slots, row_ok, tw, TH, BUF, stride_th, stride_buf, cap, tri,
-                    counts, s_n, s_sum, s_sq, s_max, cursor, PASS, J, COUNT, DOT_FP32)
+                    counts, s_n, s_sum, s_sq, s_max, cursor, PASS, J, COUNT, DOT_FP32, ASM_STORE)
     if PASS == 0:
         stats = STATS + slots * 4
         tl.store(stats, s_n, mask=row_ok)
@@ -216,9 +270,9 @@ def _score_pass_kernel(
         tl.store(stats + 3, s_max, mask=row_ok)
     elif COUNT:
         tl.store(CNT + slots[:, None] * J + tl.arange(0, J)[None, :], counts, mask=row_ok[:, None])
+        tl.store(RMAX + slots, s_max, mask=row_ok)
     if PASS == 2:
         tl.store(CNT_W + slots, cursor, mask=row_ok)
-        tl.store(RMAX + slots, s_max, mask=row_ok)
 
 
 @triton.jit
