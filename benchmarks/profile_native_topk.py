@@ -53,16 +53,15 @@ def main() -> None:
             grid, tw, _ = st._first_thresholds(runner, n_keys, k)
             res = runner.run(2, th=grid, tw=tw, cap=cap)
             out = torch.empty(L, k, dtype=torch.int32, device=dev)
-            good = torch.arange(rows.numel(), device=dev, dtype=torch.int32)
             times = {
                 "lse": cuda_ms(lambda: st._Rows(A, kv, rows, 0, D**-0.5, opts.mode, cfg, row_base=k), 3),
-                "stats(sample)": cuda_ms(lambda: runner.run(0, key_step=st.SAMPLE_STEP), 3),
-                "counts(sample)": cuda_ms(lambda: runner.run(1, key_step=st.SAMPLE_STEP, th=torch.cat([grid, grid], 1)), 3),
+                "stats(sample)": cuda_ms(lambda: runner.run(0, key_step=st.STATS_STEP), 3),
+                "counts(sample)": cuda_ms(lambda: runner.run(1, key_step=st.SAMPLE_STEP, th=grid.repeat(1, st.SAMPLE_GRID // st.MAIN_GRID)), 3),
                 # The first main pass skips the grid counts; retried passes count at 16 thresholds.
                 "main (first, no counts)": cuda_ms(lambda: runner.run(2, th=grid, tw=tw, cap=cap, count=False), 3),
                 "main (retry, 16 counts)": cuda_ms(lambda: runner.run(2, th=grid, tw=tw, cap=cap), 3),
-                "select": cuda_ms(lambda: st._select(res, good, rows, out, k, cap, None), 3),
-                "select (count bounds)": cuda_ms(lambda: st._select(res, good, rows, out, k, cap, grid), 3),
+                "select": cuda_ms(lambda: st._select(res, rows, out, k, cap, None), 3),
+                "select (count bounds)": cuda_ms(lambda: st._select(res, rows, out, k, cap, grid), 3),
             }
         except Exception as err:  # a config that does not compile or fit
             print(f"{text}: failed: {type(err).__name__}: {str(err)[:200]}")

@@ -196,7 +196,7 @@ def test_select_kernel_exact_on_close_and_tied_scores():
     buf = (image.long() << 32) | buf_i.long()
     res = {k: v.to(DEVICE) for k, v in dict(buf=buf, count_w=count, rmax=rmax).items()}
     out_d = out.to(DEVICE)
-    streaming._select(res, rows.to(DEVICE), rows.to(DEVICE), out_d, topk, cap, None)  # no count bounds
+    streaming._select(res, rows.to(DEVICE), out_d, topk, cap, None)  # no count bounds
     for r in range(R):
         n = int(count[r])
         # The reference's rule (stable: ties keep the lower position); -0.0 ties with +0.0.

@@ -2,13 +2,15 @@
 
 For the rows with more than k causal keys (the others take every causal key):
 1. prob_sum only: per-head log-sum-exp over the causal keys (`_lse_kernel`).
-2. Sample passes over every `SAMPLE_STEP`-th key: mean/std/max, then counts at a 32-point grid
-   around the quantile k would sit at. Scaled to the full row, they give a write threshold `tw`
-   expected to keep about `TARGET` x k keys.
+2. Sample passes: mean/std/max over every `STATS_STEP`-th key, then counts over every
+   `SAMPLE_STEP`-th key at a `SAMPLE_GRID`-point grid (points around the quantile k would sit at
+   for normal scores, and points between the mean and the max). Scaled to the full row, the counts
+   give a write threshold `tw` expected to keep about `TARGET` x k keys.
 3. Main pass over all keys: every key scoring >= tw written (score, index) to a per-row buffer of
    `cap` = CAP x k slots, and the exact count of keys >= tw.
 4. Rows with k <= count(>= tw) <= cap hold all of their top-k in the buffer: `_select_kernel`
-   picks it exactly. Other rows (about 1 in 50,000 on random data) get exact counts at 16 of the
+   picks it exactly, skipping the others, so steps 1-4 of every chunk of rows are queued with no
+   host sync. Then the other rows (about 1 in 50,000 on random data) get exact counts at 16 of the
    sample's thresholds from a counting pass over just them, and go again (step 3) with a threshold
    taken from those counts; retried main passes count at their own 16 thresholds as they go.
    A bracket [a, b) with count(>= a) >= k > count(>= b) narrows 17-fold per try, and once
@@ -36,8 +38,14 @@ from .reference import (_check as check_reference_inputs, chunk_rows, logit_sum_
                         score_elements, topk_of_scores)
 from .triton_impl import _lse_kernel, _score_pass_kernel, _select_kernel
 
+# The counting sample is every SAMPLE_STEP-th key, counted at SAMPLE_GRID thresholds; the grid is
+# placed by the mean, std and max of a sparser sample (every STATS_STEP-th key, or denser where
+# topk is small: the std also sets how far retries widen, NOTES). At L 128k the
+# stats at step 64 and a 16-point grid took the op from 49.5 to 43.9 ms, same output, no missed rows
+# (NOTES, eighth round).
 SAMPLE_STEP = 16
-SAMPLE_GRID = 32
+STATS_STEP = 64
+SAMPLE_GRID = 16  # (a power of two: the kernel's count vector is tl.arange(0, J))
 MAIN_GRID = 16
 TARGET = 1.4  # write threshold aims at TARGET * k candidates ...
 CAP = 2  # ... into CAP * k buffer slots
@@ -168,7 +176,8 @@ class _Rows:
 def _first_thresholds(runner: _Rows, n_keys: torch.Tensor, topk: int):
     """From the sample: main-pass grid [R, MAIN_GRID] (ascending), write threshold [R] and the
     sample's score std [R] (the scale by which retries widen their search)."""
-    stats = runner.run(0, key_step=SAMPLE_STEP)["stats"]
+    # Every row has more than topk keys, so this step samples at least 32 keys of each.
+    stats = runner.run(0, key_step=min(STATS_STEP, max(SAMPLE_STEP, topk // 32)))["stats"]
     n_s, mean = stats[:, 0].clamp(min=1), stats[:, 1] / stats[:, 0].clamp(min=1)
     std = (stats[:, 2] / n_s - mean * mean).clamp(min=0).sqrt()
     std = torch.maximum(std, mean.abs() * 1e-3 + 1e-6)
@@ -177,7 +186,8 @@ def _first_thresholds(runner: _Rows, n_keys: torch.Tensor, topk: int):
     z = z0[:, None] + torch.linspace(-2.5, 2.5, SAMPLE_GRID - 8, device=mean.device)[None, :]
     upper = torch.linspace(0, 1, 8, device=mean.device)[None, :] * (stats[:, 3] - mean).clamp(min=0)[:, None]
     grid = torch.sort(torch.cat([mean[:, None] + std[:, None] * z, mean[:, None] + upper], 1), dim=1).values
-    est = runner.run(1, key_step=SAMPLE_STEP, th=grid)["counts"].float() * (n_keys.float() / n_s)[:, None]
+    n_c = (n_keys + SAMPLE_STEP - 1) // SAMPLE_STEP  # keys in the counting sample: 0, SAMPLE_STEP, ... < n_keys
+    est = runner.run(1, key_step=SAMPLE_STEP, th=grid)["counts"].float() * (n_keys / n_c).float()[:, None]
     j_w = ((est >= target).sum(1) - 1).clamp(min=0)
     pick = (j_w[:, None] - MAIN_GRID // 2 + 1 + torch.arange(MAIN_GRID, device=grid.device)).clamp(0, SAMPLE_GRID - 1)
     # Between the last grid point estimated to keep >= target keys and the next, the count falls
@@ -217,12 +227,13 @@ def _next_thresholds(th, counts, rmax, std, topk: int, cap: int):
     return grid, tw
 
 
-def _select(res: dict, slots, rows, out, topk: int, cap: int, grid) -> None:
-    """out[rows[slots]] = exact top-k of those slots' candidate buffers (res: a main pass that
-    counted at thresholds grid [R, J], or grid None where it did not count)."""
+def _select(res: dict, rows, out, topk: int, cap: int, grid) -> None:
+    """out[rows[slot]] = exact top-k of each slot's candidate buffer, for the slots whose
+    candidates fit (topk <= count <= cap; the kernel skips the others, so no host sync decides
+    which). res: a main pass that counted at thresholds grid [R, J], or grid None where it did not."""
     if grid is None:  # no counts: the search starts from the candidates' own min and max
-        lower = torch.full_like(res["rmax"], float("-inf"))
-        upper = torch.full_like(res["rmax"], float("inf"))
+        lower = torch.full_like(res["count_w"], float("-inf"), dtype=torch.float32)
+        upper = torch.full_like(lower, float("inf"))
     else:
         # The highest threshold that still keeps >= topk keys bounds the k-th score from below.
         lower = torch.where(res["counts"] >= topk, grid, float("-inf")).amax(1)
@@ -232,41 +243,64 @@ def _select(res: dict, slots, rows, out, topk: int, cap: int, grid) -> None:
     # Rows per program: at cap 4096 one row on 4 warps is fastest (1.84 ms at L 32k against 2.52
     # for 2 rows on 4 warps and 2.81 on 8; NOTES, seventh round).
     rb = max(1, min(4, 4096 // cp))
-    _select_kernel[(triton.cdiv(slots.numel(), rb),)](
-        res["buf"], res["count_w"], lower, upper, slots, rows, out, slots.numel(), topk, res["buf"].stride(0),
+    n = rows.numel()
+    _select_kernel[(triton.cdiv(n, rb),)](
+        res["buf"], res["count_w"], lower, upper, rows, out, n, topk, cap, res["buf"].stride(0),
         out.stride(0), RB=rb, CP=cp, num_warps=4)
 
 
-def _select_rows(A, kv, q, rows, topk, mode, scale, q_offset, out, cfg, row_base: int):
-    """Fill out[rows] (rows: int32 [R] = row_base, row_base + 1, ..., each with more than topk causal keys)."""
+def _misfits(count_w: torch.Tensor, topk: int, cap: int) -> torch.Tensor:
+    """Slots whose main pass kept fewer than topk or more than cap candidates (a host sync)."""
+    return torch.nonzero((count_w < topk) | (count_w > cap)).squeeze(1)
+
+
+def _first_try(A, kv, rows, topk, mode, scale, q_offset, out, cfg, row_base: int) -> dict:
+    """First try at out[rows] (rows: int32 [R] = row_base, row_base + 1, ..., each with more than
+    topk causal keys), with no host sync: sample thresholds, one main pass, and the selection of
+    every row whose candidates fit. Returns what `_retry` needs for the others; the candidate
+    buffer is not kept, so the next chunk's pass reuses its memory."""
     cap = CAP * topk
     runner = _Rows(A, kv, rows, q_offset, scale, mode, cfg, row_base=row_base)
     n_keys = (rows.long() + q_offset + 1).clamp(max=kv.shape[0])
     grid, tw, std = _first_thresholds(runner, n_keys, topk)
-    for attempt in range(MAX_TRIES):
-        PASS_COUNTS[attempt + 1] += runner.R
-        # The first main pass does not count at the grid (16 compares a score, a quarter of its
-        # time): nearly every row fits. Retries are few rows and count as they go.
-        counted = attempt > 0
-        res = runner.run(2, th=grid, tw=tw, cap=cap, count=counted)
-        fits = (res["count_w"] >= topk) & (res["count_w"] <= cap)
-        good = torch.nonzero(fits).squeeze(1).to(torch.int32)
-        if good.numel():
-            _select(res, good, runner.rows, out, topk, cap, grid if counted else None)
-        bad = torch.nonzero(~fits).squeeze(1)
-        if bad.numel() == 0:
-            return
-        runner = runner.subset(bad)
-        if attempt == 0 and score_elements(runner.R, kv.shape[0], q.shape[1], mode) <= REFERENCE_ELEMENTS:
-            break
-        th = torch.cat([grid[bad], tw[bad, None]], 1)
-        # count_w is the exact count at tw (the cursor counts past cap). The grid's counts and
-        # the row max come from a retried main pass itself, or after the first (uncounted) main
-        # pass from a counting pass over the bad rows only.
-        grid_res = {k: res[k][bad] for k in ("counts", "rmax")} if counted else runner.run(1, th=grid[bad])
-        counts = torch.cat([grid_res["counts"], res["count_w"][bad, None]], 1)
+    PASS_COUNTS[1] += runner.R
+    # The first main pass does not count at the grid (16 compares a score, a quarter of its
+    # time): nearly every row fits, and the retries count as they go.
+    res = runner.run(2, th=grid, tw=tw, cap=cap, count=False)
+    _select(res, runner.rows, out, topk, cap, None)
+    return dict(runner=runner, grid=grid, tw=tw, std=std, count_w=res["count_w"])
+
+
+def _retry(first: dict, q, kv, topk, mode, scale, q_offset, out) -> None:
+    """Finish the rows of a `_first_try` whose candidates did not fit (about 1 in 50,000 on random
+    data): few of them go to the reference at once, the others get exact counts at the first
+    try's grid and go again with thresholds from those counts (module docstring, step 4)."""
+    cap = CAP * topk
+    bad = _misfits(first["count_w"], topk, cap)
+    if bad.numel() == 0:
+        return
+    runner = first["runner"].subset(bad)
+    if score_elements(runner.R, kv.shape[0], q.shape[1], mode) > REFERENCE_ELEMENTS:
+        grid, count_w, std = first["grid"], first["count_w"], first["std"]
+        # count_w is the exact count at tw (the cursor counts past cap); the grid's counts and
+        # the row max come from a counting pass over the bad rows only.
+        th = torch.cat([grid[bad], first["tw"][bad, None]], 1)
+        res = runner.run(1, th=grid[bad])
+        counts = torch.cat([res["counts"], count_w[bad, None]], 1)
         std = std[bad]
-        grid, tw = _next_thresholds(th, counts, grid_res["rmax"], std, topk, cap)
+        grid, tw = _next_thresholds(th, counts, res["rmax"], std, topk, cap)
+        for attempt in range(1, MAX_TRIES):
+            PASS_COUNTS[attempt + 1] += runner.R
+            res = runner.run(2, th=grid, tw=tw, cap=cap, count=True)  # retries count as they go
+            _select(res, runner.rows, out, topk, cap, grid)
+            bad = _misfits(res["count_w"], topk, cap)
+            if bad.numel() == 0:
+                return
+            runner = runner.subset(bad)
+            th = torch.cat([grid[bad], tw[bad, None]], 1)
+            counts = torch.cat([res["counts"][bad], res["count_w"][bad, None]], 1)
+            std = std[bad]
+            grid, tw = _next_thresholds(th, counts, res["rmax"][bad], std, topk, cap)
     PASS_COUNTS["reference"] += runner.R
     _reference_rows(q, kv, runner.rows, topk, mode, scale, q_offset, out)
 
@@ -306,7 +340,10 @@ def native_topk_triton(q, kv, topk: int, mode: str = "logit_sum", scale: float =
         cfg = config or default_config(mode, kv.dtype)
         A = _operand(q.detach(), kv.detach(), mode, _d_pad(kv.shape[1], cfg))
         chunk = max(cfg["BM"], BUFFER_BYTES // (CAP * topk * 8))
-        for s in range(first, T, chunk):
-            rows = torch.arange(s, min(T, s + chunk), device=dev, dtype=torch.int32)
-            _select_rows(A, kv, q, rows, topk, mode, scale, q_offset, out, cfg, s)
+        # Every chunk's first try is queued before any host sync, so the host's work for one
+        # chunk overlaps the GPU's for the previous; then the rare misfits of all chunks.
+        tries = [_first_try(A, kv, torch.arange(s, min(T, s + chunk), device=dev, dtype=torch.int32), topk, mode,
+                            scale, q_offset, out, cfg, s) for s in range(first, T, chunk)]
+        for t in tries:
+            _retry(t, q, kv, topk, mode, scale, q_offset, out)
     return out

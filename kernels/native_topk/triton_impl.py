@@ -276,9 +276,10 @@ def _score_pass_kernel(
 
 
 @triton.jit
-def _select_kernel(BUF, CNT_W, LOWER, UPPER, SLOTS, ROWS, OUT, n_slots, topk, stride_buf, stride_out,
+def _select_kernel(BUF, CNT_W, LOWER, UPPER, ROWS, OUT, n_slots, topk, cap, stride_buf, stride_out,
                    RB: tl.constexpr, CP: tl.constexpr):
-    """Exact top-k of the candidates of RB rows (topk <= count <= CP each), in ascending key order.
+    """Exact top-k of the candidates of RB slots, in ascending key order, for the slots whose
+    count fits (topk <= count <= cap <= CP); the others are left to the host's retries.
 
     BUF holds each candidate as (int32 image of its score that orders like the floats, from
     `_ordered_key`) << 32 | key index. An interpolation search (below) finds each row's k-th largest
@@ -286,11 +287,11 @@ def _select_kernel(BUF, CNT_W, LOWER, UPPER, SLOTS, ROWS, OUT, n_slots, topk, st
     buffer is in ascending key order).
     LOWER/UPPER [slots]: scores known to satisfy count(>= lower) >= topk > count(>= upper) (from the
     main pass's exact counts); they narrow the search's starting bracket."""
-    r = tl.program_id(0) * RB + tl.arange(0, RB)
-    r_ok = r < n_slots
-    slot = tl.load(SLOTS + r, mask=r_ok, other=0)
-    row = tl.load(ROWS + slot, mask=r_ok, other=0).to(tl.int64)
+    slot = tl.program_id(0) * RB + tl.arange(0, RB)
+    r_ok = slot < n_slots
     count = tl.load(CNT_W + slot, mask=r_ok, other=0)
+    r_ok = r_ok & (count >= topk) & (count <= cap)
+    row = tl.load(ROWS + slot, mask=r_ok, other=0).to(tl.int64)
     offs = tl.arange(0, CP)
     ok = (offs[None, :] < count[:, None]) & r_ok[:, None]
     buf = slot[:, None] * stride_buf + offs[None, :]
