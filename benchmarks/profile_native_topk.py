@@ -41,7 +41,6 @@ def main() -> None:
     q = torch.randn(L, H, D, device=dev, dtype=torch.bfloat16, generator=gen)
     kv = torch.randn(L, D, device=dev, dtype=torch.bfloat16, generator=gen)
     rows = torch.arange(k, L, device=dev, dtype=torch.int32)
-    n_keys = (rows.long() + 1).clamp(max=L)
     print(f"{torch.cuda.get_device_name()} | L {L} | H {H} | k {k} | {opts.mode} | rows {rows.numel()}")
     for text in opts.configs:
         bm, bn, dc, w, s = (int(x) for x in text.split(","))
@@ -50,7 +49,7 @@ def main() -> None:
         try:
             A = st._operand(q, kv, opts.mode, st._d_pad(D, cfg))
             runner = st._Rows(A, kv, rows, 0, D**-0.5, opts.mode, cfg, row_base=k)
-            grid, tw, _ = st._first_thresholds(runner, n_keys, k)
+            grid, tw, _ = st._first_thresholds(runner, k)
             res = runner.run(2, th=grid, tw=tw, cap=cap)
             out = torch.empty(L, k, dtype=torch.int32, device=dev)
             times = {

@@ -100,8 +100,8 @@ def skew_first_thresholds(monkeypatch, shift: float, rows: int | None = None):
     """Move the sample's thresholds of the first `rows` rows (all: None) by `shift`, far off."""
     first = streaming._first_thresholds
 
-    def skewed(runner, n_keys, topk):
-        grid, tw, std = first(runner, n_keys, topk)
+    def skewed(runner, topk):
+        grid, tw, std = first(runner, topk)
         off = torch.zeros_like(tw)
         off[:rows] = shift
         return grid + off[:, None], tw + off, std
@@ -126,6 +126,25 @@ def test_retries_recover_from_a_bad_first_threshold(monkeypatch, start):
     assert streaming.PASS_COUNTS[2] > before.get(2, 0)
 
 
+def test_rows_in_several_chunks_with_retries(monkeypatch):
+    """Candidate buffers of one row block at a time: every chunk's first try is queued before any
+    retry, and the rows that missed (a bad first threshold in each chunk) are finished afterwards."""
+    T, L, H, D, k, off = SHAPES[1]
+    gen = torch.Generator().manual_seed(fresh_seed())
+    q, kv = integer_inputs(T, L, H, D, gen, torch.float32)
+    cfg = streaming.default_config("logit_sum", torch.float32)
+    monkeypatch.setattr(streaming, "BUFFER_BYTES", streaming.CAP * k * 8 * cfg["BM"])  # chunks of BM rows
+    skew_first_thresholds(monkeypatch, 1e4, rows=2)  # the first 2 rows of every chunk miss
+    monkeypatch.setattr(streaming, "REFERENCE_ELEMENTS", 0)
+    before = dict(streaming.PASS_COUNTS)
+    got = native_topk_triton(q.to(DEVICE), kv.to(DEVICE), k, "logit_sum", 1.0, off).cpu()
+    check_rows(got, native_topk_reference(q, kv, k, "logit_sum", 1.0, off), None, k)
+    n_chunks = -(-max(0, T - max(0, k - off)) // cfg["BM"])
+    assert n_chunks >= 2
+    assert streaming.PASS_COUNTS[2] - before.get(2, 0) >= 2 * n_chunks
+    assert streaming.PASS_COUNTS["reference"] == before.get("reference", 0)
+
+
 @pytest.mark.parametrize("mode", ["logit_sum", "prob_sum"])
 def test_few_missed_rows_go_to_the_reference(monkeypatch, mode):
     """Three rows (at least: integer scores tie a lot at small shapes) miss the first main pass:
@@ -144,6 +163,64 @@ def test_few_missed_rows_go_to_the_reference(monkeypatch, mode):
         check_rows(got, ref, native_scores_reference(q, kv, mode, 0.1, q_pos), k, lambda row: 1e-5 * H)
     assert streaming.PASS_COUNTS["reference"] - before.get("reference", 0) >= 3
     assert streaming.PASS_COUNTS[2] == before.get(2, 0)
+
+
+def thresholds_in_torch(stats, count_at, n_keys, topk):
+    """The sample passes' threshold arithmetic (triton_impl `_sample_grid`, `_aim`) written with torch
+    ops: grid from the stats, then the write threshold and the main grid from the counts at that
+    grid (count_at(grid) -> [R, G] sample counts)."""
+    st = streaming
+    n_s, mean = stats[:, 0].clamp(min=1), stats[:, 1] / stats[:, 0].clamp(min=1)
+    std = (stats[:, 2] / n_s - mean * mean).clamp(min=0).sqrt()
+    std = torch.maximum(std, mean.abs() * 1e-3 + 1e-6)
+    target = st.TARGET * topk
+    z0 = torch.special.ndtri((1 - target / n_keys.double()).clamp(1e-6, 1 - 1e-6)).float()
+    z = z0[:, None] + torch.linspace(-2.5, 2.5, st.SAMPLE_GRID - 8)[None, :]
+    upper = torch.linspace(0, 1, 8)[None, :] * (stats[:, 3] - mean).clamp(min=0)[:, None]
+    grid = torch.sort(torch.cat([mean[:, None] + std[:, None] * z, mean[:, None] + upper], 1), dim=1).values
+    counts = count_at(grid)
+    n_c = (n_keys + st.SAMPLE_STEP - 1) // st.SAMPLE_STEP
+    est = counts.float() * (n_keys / n_c).float()[:, None]
+    j_w = ((est >= target).sum(1) - 1).clamp(min=0)
+    pick = (j_w[:, None] - st.MAIN_GRID // 2 + 1 + torch.arange(st.MAIN_GRID)).clamp(0, st.SAMPLE_GRID - 1)
+    at = lambda j: (grid.gather(1, j[:, None]).squeeze(1), est.gather(1, j[:, None]).squeeze(1))
+    (g0, e0), (g1, e1) = at(j_w), at((j_w + 1).clamp(max=st.SAMPLE_GRID - 1))
+    ok = (e0 >= target) & (e1 > 0) & (e1 < e0)
+    l0 = e0.clamp(min=1).log()
+    frac = (l0 - torch.tensor(target).log()) / (l0 - e1.clamp(min=1).log()).clamp(min=1e-9)
+    tw = g0 + (g1 - g0) * torch.where(ok, frac.clamp(0, 1), 0.0)
+    return grid, std, grid.gather(1, pick), tw
+
+
+def test_threshold_arithmetic_matches_torch():
+    """The sample passes compute the counting grid, the write threshold and the main grid in their
+    epilogues; the same formulas in torch, fed the same passes' raw stats and counts, agree."""
+    # k 128: every row samples at least 8 keys. With 2 samples the std (from the sum of squares
+    # minus the squared mean) can cancel badly, and the GPU's fused multiply-adds round it
+    # differently from torch: a property of the formula, not a difference in it.
+    T, k, H, D = 300, 128, 2, 64
+    gen = torch.Generator().manual_seed(fresh_seed())
+    q, kv = torch.randn(T, H, D, generator=gen).to(DEVICE), torch.randn(T, D, generator=gen).to(DEVICE)
+    cfg = streaming.default_config("logit_sum", kv.dtype)
+    A = streaming._operand(q, kv, "logit_sum", streaming._d_pad(D, cfg))
+    rows = torch.arange(k, T, dtype=torch.int32, device=DEVICE)
+    runner = streaming._Rows(A, kv, rows, 0, 1.0, "logit_sum", cfg, row_base=k)
+    main, tw, std = streaming._first_thresholds(runner, k)
+    step = min(streaming.STATS_STEP, max(streaming.SAMPLE_STEP, k // 32))
+    stats = runner.run(0, key_step=step)["stats"].cpu()
+    grid_k = torch.empty(T - k, streaming.SAMPLE_GRID, device=DEVICE)
+    runner.run(0, key_step=step, aim=(streaming.TARGET * k, grid_k, torch.empty(T - k, device=DEVICE)))
+    # Counts at the kernel's own grid, so that a score between two nearly equal grids cannot differ.
+    count_at = lambda g: runner.run(1, key_step=streaming.SAMPLE_STEP, th=grid_k)["counts"].cpu()
+    grid, std_t, main_t, tw_t = thresholds_in_torch(stats, count_at, rows.long().cpu() + 1, k)
+    # Tolerance: fp32 rounding of the same formulas (fused multiply-adds and fast log / sqrt on the
+    # GPU), relative to the score spread and to the value itself; a wrong formula moves a threshold
+    # by a sizeable fraction of the std.
+    close = lambda a, b, spread: bool(torch.all((a.cpu() - b).abs() <= 1e-4 * spread + 1e-5 * b.abs() + 1e-6))
+    assert close(grid_k, grid, std_t[:, None])
+    assert torch.allclose(std.cpu(), std_t, rtol=1e-5, atol=1e-6)
+    assert close(main, main_t, std_t[:, None])
+    assert close(tw, tw_t, std_t)
 
 
 def test_all_scores_tied_falls_back_exactly():

@@ -26,7 +26,6 @@ The selection is exact for the scores the kernels compute; see triton_impl.py fo
 from __future__ import annotations
 
 import collections
-import math
 
 import torch
 import triton
@@ -51,7 +50,9 @@ TARGET = 1.4  # write threshold aims at TARGET * k candidates ...
 CAP = 2  # ... into CAP * k buffer slots
 MAX_TRIES = 6
 REFERENCE_ELEMENTS = 1 << 25  # score elements up to which missed rows go to the reference
-BUFFER_BYTES = 1 << 30  # candidate buffers of one chunk of rows (32k rows at k = 2048)
+# Candidate buffers of one chunk of rows (64k rows at k = 2048). 2 GiB rather than 1: L 64k in one
+# chunk took 13.2-13.4 against 13.8-14.1 ms, for 1 GB more peak memory (NOTES, eighth round).
+BUFFER_BYTES = 1 << 31
 
 # Rows that needed main pass number i (key i) or went to the reference ("reference": few rows
 # missing the first pass, or unresolved after MAX_TRIES), since import; benchmarks print it to
@@ -151,8 +152,10 @@ class _Rows:
         kv_desc = TensorDescriptor(kv, [triton.cdiv(kv.shape[0], key_step), kv.shape[1]], kv_strides, [cfg["BN"], DC])
         return a_desc, kv_desc, True
 
-    def run(self, pass_id, key_step=1, th=None, tw=None, cap=0, count=True):
-        """One `_score_pass_kernel` launch over these rows; count=False skips a main pass's counts at th."""
+    def run(self, pass_id, key_step=1, th=None, tw=None, cap=0, count=True, aim=None):
+        """One `_score_pass_kernel` launch over these rows; count=False skips a main pass's counts at th.
+        aim (sample passes): (target, out [R, G], out [R]) for the kernel's threshold arithmetic (see
+        `_first_thresholds`)."""
         dev, R, cfg = self.kv.device, self.R, self.cfg
         a_desc, kv_desc, tma = self._descriptors(key_step, cfg)
         J = th.shape[1] if th is not None else 1
@@ -163,42 +166,30 @@ class _Rows:
         count_w = torch.empty(R, dtype=torch.int32, device=dev)
         rmax = torch.empty(R, device=dev)
         buf = torch.empty(R if pass_id == 2 else 1, max(cap, 1), dtype=torch.int64, device=dev)  # packed (score, key)
+        target, aim_th, aim_w = aim if aim is not None else (0.0, stats, stats)
         _score_pass_kernel[(triton.cdiv(R, cfg["BM"]),)](
             self.A, self.kv, a_desc, kv_desc, self.lse2, self.rows, th, tw, stats, counts, count_w, rmax, buf,
-            R, self.kv.shape[0], self.q_offset, self.row_base or 0, self.P, self.scale_log2, key_step, cap,
-            *self.strides, self.kv.stride(0), self.lse2.stride(0), th.stride(0), buf.stride(0),
+            aim_th, aim_w, R, self.kv.shape[0], self.q_offset, self.row_base or 0, self.P, self.scale_log2, key_step,
+            cap, float(target), *self.strides, self.kv.stride(0), self.lse2.stride(0), th.stride(0), buf.stride(0),
             PROB=self.prob, PASS=pass_id, J=J, NPARTS=1 if self.prob else self.P, D=self.kv.shape[1],
-            D_PAD=self.d_pad, DOT_FP32=interpreting(), TMA=tma, COUNT=count, ASM_STORE=not interpreting(), **cfg,
+            D_PAD=self.d_pad, DOT_FP32=interpreting(), TMA=tma, COUNT=count, ASM_STORE=not interpreting(),
+            GRID=aim_th.shape[1] if aim is not None else 0, **cfg,
         )
         return dict(stats=stats, counts=counts, count_w=count_w, rmax=rmax, buf=buf)
 
 
-def _first_thresholds(runner: _Rows, n_keys: torch.Tensor, topk: int):
-    """From the sample: main-pass grid [R, MAIN_GRID] (ascending), write threshold [R] and the
-    sample's score std [R] (the scale by which retries widen their search)."""
+def _first_thresholds(runner: _Rows, topk: int):
+    """From the samples: main-pass grid [R, MAIN_GRID] (ascending), write threshold [R] and the
+    sample's score std [R] (the scale by which retries widen their search). The arithmetic runs in
+    the sample passes' epilogues (triton_impl: `_sample_grid`, then `_aim`), so the host queues
+    two launches and no small ops."""
+    R, dev, target = runner.R, runner.kv.device, TARGET * topk
+    grid, std = torch.empty(R, SAMPLE_GRID, device=dev), torch.empty(R, device=dev)
     # Every row has more than topk keys, so this step samples at least 32 keys of each.
-    stats = runner.run(0, key_step=min(STATS_STEP, max(SAMPLE_STEP, topk // 32)))["stats"]
-    n_s, mean = stats[:, 0].clamp(min=1), stats[:, 1] / stats[:, 0].clamp(min=1)
-    std = (stats[:, 2] / n_s - mean * mean).clamp(min=0).sqrt()
-    std = torch.maximum(std, mean.abs() * 1e-3 + 1e-6)
-    target = TARGET * topk
-    z0 = torch.special.ndtri((1 - target / n_keys.double()).clamp(1e-6, 1 - 1e-6)).float()
-    z = z0[:, None] + torch.linspace(-2.5, 2.5, SAMPLE_GRID - 8, device=mean.device)[None, :]
-    upper = torch.linspace(0, 1, 8, device=mean.device)[None, :] * (stats[:, 3] - mean).clamp(min=0)[:, None]
-    grid = torch.sort(torch.cat([mean[:, None] + std[:, None] * z, mean[:, None] + upper], 1), dim=1).values
-    n_c = (n_keys + SAMPLE_STEP - 1) // SAMPLE_STEP  # keys in the counting sample: 0, SAMPLE_STEP, ... < n_keys
-    est = runner.run(1, key_step=SAMPLE_STEP, th=grid)["counts"].float() * (n_keys / n_c).float()[:, None]
-    j_w = ((est >= target).sum(1) - 1).clamp(min=0)
-    pick = (j_w[:, None] - MAIN_GRID // 2 + 1 + torch.arange(MAIN_GRID, device=grid.device)).clamp(0, SAMPLE_GRID - 1)
-    # Between the last grid point estimated to keep >= target keys and the next, the count falls
-    # about geometrically (a score tail): aim at target on the log of the estimates. Taking the grid
-    # point itself kept 1.48 k keys a row on average at L 32k when aiming at 1.3 k (NOTES, seventh round).
-    at = lambda j: (grid.gather(1, j[:, None]).squeeze(1), est.gather(1, j[:, None]).squeeze(1))
-    (g0, e0), (g1, e1) = at(j_w), at((j_w + 1).clamp(max=SAMPLE_GRID - 1))
-    ok = (e0 >= target) & (e1 > 0) & (e1 < e0)
-    frac = ((e0.clamp(min=1).log() - math.log(target)) / (e0.clamp(min=1).log() - e1.clamp(min=1).log()).clamp(min=1e-9))
-    tw = g0 + (g1 - g0) * torch.where(ok, frac.clamp(0, 1), 0.0)
-    return grid.gather(1, pick), tw, std
+    runner.run(0, key_step=min(STATS_STEP, max(SAMPLE_STEP, topk // 32)), aim=(target, grid, std))
+    main, tw = torch.empty(R, MAIN_GRID, device=dev), torch.empty(R, device=dev)
+    runner.run(1, key_step=SAMPLE_STEP, th=grid, aim=(target, main, tw))
+    return main, tw, std
 
 
 def _next_thresholds(th, counts, rmax, std, topk: int, cap: int):
@@ -261,8 +252,7 @@ def _first_try(A, kv, rows, topk, mode, scale, q_offset, out, cfg, row_base: int
     buffer is not kept, so the next chunk's pass reuses its memory."""
     cap = CAP * topk
     runner = _Rows(A, kv, rows, q_offset, scale, mode, cfg, row_base=row_base)
-    n_keys = (rows.long() + q_offset + 1).clamp(max=kv.shape[0])
-    grid, tw, std = _first_thresholds(runner, n_keys, topk)
+    grid, tw, std = _first_thresholds(runner, topk)
     PASS_COUNTS[1] += runner.R
     # The first main pass does not count at the grid (16 compares a score, a quarter of its
     # time): nearly every row fits, and the retries count as they go.

@@ -3,8 +3,10 @@
 The [T, L] score matrix never reaches memory. Each pass recomputes scores tile by tile
 ([BM query rows, BN keys], a GEMM over D in DC-wide chunks) and keeps only per-row reductions:
 
-- `_score_pass_kernel` with PASS=0: sample statistics (count, sum, sum of squares, max);
-  PASS=1: counts of scores >= each of J per-row thresholds (a cumulative histogram);
+- `_score_pass_kernel` with PASS=0: sample statistics (count, sum, sum of squares, max), and on a
+  first try the counting grid placed by them (`_sample_grid`);
+  PASS=1: counts of scores >= each of J per-row thresholds (a cumulative histogram), and on a
+  first try the write threshold and the main pass's grid aimed from them (`_aim`);
   PASS=2: every (score, key) with score >= a per-row write threshold `tw`, compacted in
   ascending key order into a per-row candidate buffer of `cap` int64 slots (the score's
   order-preserving int32 image in the high half, the key in the low half), the exact count >= tw and
@@ -203,13 +205,86 @@ def _reduce_tile(s, valid, keys, slots, row_ok, tw, TH, BUF, stride_th, stride_b
 
 
 @triton.jit
+def _normal_quantile(p):
+    """z with Phi(z) = p for p in (0, 1), fp32, via z = sqrt(2) erfinv(2p - 1) and M. Giles'
+    single-precision erfinv polynomials ("Approximating the erfinv function", GPU Computing Gems,
+    2011): relative error about 1e-7, far below what placing a sample grid needs."""
+    w = -tl.log(4.0 * p * (1.0 - p))  # -log((1 - x)(1 + x)) for x = 2p - 1, without cancellation
+    a = w - 2.5
+    lo = 2.81022636e-08
+    lo = 3.43273939e-07 + lo * a
+    lo = -3.5233877e-06 + lo * a
+    lo = -4.39150654e-06 + lo * a
+    lo = 0.00021858087 + lo * a
+    lo = -0.00125372503 + lo * a
+    lo = -0.00417768164 + lo * a
+    lo = 0.246640727 + lo * a
+    lo = 1.50140941 + lo * a
+    b = tl.sqrt(tl.maximum(w, 5.0)) - 3.0
+    hi = -0.000200214257
+    hi = 0.000100950558 + hi * b
+    hi = 0.00134934322 + hi * b
+    hi = -0.00367342844 + hi * b
+    hi = 0.00573950773 + hi * b
+    hi = -0.0076224613 + hi * b
+    hi = 0.00943887047 + hi * b
+    hi = 1.00167406 + hi * b
+    hi = 2.83297682 + hi * b
+    return 1.4142135623730951 * tl.where(w < 5.0, lo, hi) * (2.0 * p - 1.0)
+
+
+@triton.jit
+def _sample_grid(s_n, s_sum, s_sq, s_max, n_keys, target, G: tl.constexpr):
+    """The counting grid [BM, G] (ascending) and the score std [BM] from a sample's count, sum,
+    sum of squares and max: G - 8 points at mean + std * (z0 + [-2.5, 2.5]), z0 the normal quantile
+    that `target` of the row's n_keys keys would exceed, and 8 points from the mean to the max."""
+    n = tl.maximum(s_n, 1.0)
+    mean = s_sum / n
+    std = tl.sqrt(tl.maximum(s_sq / n - mean * mean, 0.0))
+    std = tl.maximum(std, tl.abs(mean) * 1e-3 + 1e-6)
+    p = tl.minimum(tl.maximum(1.0 - target / tl.maximum(n_keys, 1).to(tl.float32), 1e-6), 1.0 - 1e-6)
+    z0 = _normal_quantile(p)
+    NZ: tl.constexpr = G - 8
+    jj = tl.arange(0, G)[None, :].to(tl.float32)
+    normal = mean[:, None] + std[:, None] * (z0[:, None] + (-2.5 + 5.0 / (NZ - 1) * jj))
+    upper = mean[:, None] + (jj - NZ) / 7.0 * tl.maximum(s_max - mean, 0.0)[:, None]
+    return tl.sort(tl.where(jj < NZ, normal, upper), 1), std
+
+
+@triton.jit
+def _aim(counts, th, n_keys, key_step, target, J: tl.constexpr, M: tl.constexpr):
+    """From exact counts [BM, J] of a sample (every key_step-th key) at ascending thresholds th
+    [BM, J]: the write threshold [BM] estimated to keep `target` of the row's n_keys keys, and M
+    of the thresholds around it [BM, M] (the grid a retried main pass counts at)."""
+    n = tl.maximum(n_keys, 1).to(tl.float32)
+    est = counts.to(tl.float32) * (n / tl.cdiv(tl.maximum(n_keys, 1), key_step).to(tl.float32))[:, None]
+    jj = tl.arange(0, J)[None, :]
+    j_w = tl.maximum(tl.sum((est >= target).to(tl.int32), 1) - 1, 0)
+    j_1 = tl.minimum(j_w + 1, J - 1)
+    g0 = tl.sum(tl.where(jj == j_w[:, None], th, 0.0), 1)
+    e0 = tl.sum(tl.where(jj == j_w[:, None], est, 0.0), 1)
+    g1 = tl.sum(tl.where(jj == j_1[:, None], th, 0.0), 1)
+    e1 = tl.sum(tl.where(jj == j_1[:, None], est, 0.0), 1)
+    # Between the last threshold estimated to keep >= target keys and the next, the count falls
+    # about geometrically (a score tail): aim at target on the log of the estimates. Taking the
+    # threshold itself kept 1.48 k keys a row at L 32k when aiming at 1.3 k (NOTES, seventh round).
+    ok = (e0 >= target) & (e1 > 0) & (e1 < e0)
+    l0 = tl.log(tl.maximum(e0, 1.0))
+    frac = (l0 - tl.log(target)) / tl.maximum(l0 - tl.log(tl.maximum(e1, 1.0)), 1e-9)
+    tw = g0 + (g1 - g0) * tl.where(ok, tl.minimum(tl.maximum(frac, 0.0), 1.0), 0.0)
+    pick = tl.minimum(tl.maximum(j_w[:, None] - M // 2 + 1 + tl.arange(0, M)[None, :], 0), J - 1)  # [BM, M]
+    th_m = tl.sum(tl.where(pick[:, :, None] == tl.arange(0, J)[None, None, :], th[:, None, :], 0.0), 2)
+    return tw, th_m
+
+
+@triton.jit
 def _score_pass_kernel(
-    A, KV, a_desc, kv_desc, LSE2, ROWS, TH, TW, STATS, CNT, CNT_W, RMAX, BUF,
-    R, L, q_offset, row_base, P, scale_log2, key_step, cap,
+    A, KV, a_desc, kv_desc, LSE2, ROWS, TH, TW, STATS, CNT, CNT_W, RMAX, BUF, AIM_TH, AIM_W,
+    R, L, q_offset, row_base, P, scale_log2, key_step, cap, target,
     stride_ap, stride_at, stride_kv, stride_lr, stride_th, stride_buf,
     PROB: tl.constexpr, PASS: tl.constexpr, J: tl.constexpr, NPARTS: tl.constexpr, D: tl.constexpr,
     D_PAD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, DC: tl.constexpr, DOT_FP32: tl.constexpr,
-    TMA: tl.constexpr, COUNT: tl.constexpr = True, ASM_STORE: tl.constexpr = False,
+    TMA: tl.constexpr, COUNT: tl.constexpr = True, ASM_STORE: tl.constexpr = False, GRID: tl.constexpr = 0,
 ):
     """One streaming pass over the causal keys of BM rows; keys j * key_step (key_step > 1 samples).
     COUNT=False (PASS 2 only): skip the counts at the J thresholds (the first main pass, whose rows
@@ -262,15 +337,28 @@ def _score_pass_kernel(
                 counts, s_n, s_sum, s_sq, s_max, cursor = _reduce_tile(
                     s, valid, keys, slots, row_ok, tw, TH, BUF, stride_th, stride_buf, cap, tri,
                     counts, s_n, s_sum, s_sq, s_max, cursor, PASS, J, COUNT, DOT_FP32, ASM_STORE)
+    # GRID > 0 (the first try's sample passes): the threshold arithmetic here rather than in
+    # dozens of small torch ops that the GPU would wait for (NOTES, eighth round). PASS 0 writes
+    # the counting grid AIM_TH [R, GRID] and the std AIM_W [R]; PASS 1 the main pass's grid
+    # AIM_TH [R, GRID] and its write threshold AIM_W [R] (`target` keys a row).
     if PASS == 0:
         stats = STATS + slots * 4
         tl.store(stats, s_n, mask=row_ok)
         tl.store(stats + 1, s_sum, mask=row_ok)
         tl.store(stats + 2, s_sq, mask=row_ok)
         tl.store(stats + 3, s_max, mask=row_ok)
+        if GRID > 0:
+            grid, std = _sample_grid(s_n, s_sum, s_sq, s_max, n_keys, target, GRID)
+            tl.store(AIM_TH + slots[:, None] * GRID + tl.arange(0, GRID)[None, :], grid, mask=row_ok[:, None])
+            tl.store(AIM_W + slots, std, mask=row_ok)
     elif COUNT:
         tl.store(CNT + slots[:, None] * J + tl.arange(0, J)[None, :], counts, mask=row_ok[:, None])
         tl.store(RMAX + slots, s_max, mask=row_ok)
+        if PASS == 1 and GRID > 0:
+            th = tl.load(TH + slots[:, None] * stride_th + tl.arange(0, J)[None, :], mask=row_ok[:, None], other=0.0)
+            tw_aim, th_main = _aim(counts, th, n_keys, key_step, target, J, GRID)
+            tl.store(AIM_TH + slots[:, None] * GRID + tl.arange(0, GRID)[None, :], th_main, mask=row_ok[:, None])
+            tl.store(AIM_W + slots, tw_aim, mask=row_ok)
     if PASS == 2:
         tl.store(CNT_W + slots, cursor, mask=row_ok)
 
