@@ -165,10 +165,10 @@ def test_few_missed_rows_go_to_the_reference(monkeypatch, mode):
     assert streaming.PASS_COUNTS[2] == before.get(2, 0)
 
 
-def thresholds_in_torch(stats, count_at, n_keys, topk):
+def thresholds_in_torch(stats, counts, n_keys, topk):
     """The sample passes' threshold arithmetic (triton_impl `_sample_grid`, `_aim`) written with torch
-    ops: grid from the stats, then the write threshold and the main grid from the counts at that
-    grid (count_at(grid) -> [R, G] sample counts)."""
+    ops: grid from the stats, then the write threshold and the main grid from the sample's counts
+    [R, G] at that grid."""
     st = streaming
     n_s, mean = stats[:, 0].clamp(min=1), stats[:, 1] / stats[:, 0].clamp(min=1)
     std = (stats[:, 2] / n_s - mean * mean).clamp(min=0).sqrt()
@@ -178,7 +178,6 @@ def thresholds_in_torch(stats, count_at, n_keys, topk):
     z = z0[:, None] + torch.linspace(-2.5, 2.5, st.SAMPLE_GRID - 8)[None, :]
     upper = torch.linspace(0, 1, 8)[None, :] * (stats[:, 3] - mean).clamp(min=0)[:, None]
     grid = torch.sort(torch.cat([mean[:, None] + std[:, None] * z, mean[:, None] + upper], 1), dim=1).values
-    counts = count_at(grid)
     n_c = (n_keys + st.SAMPLE_STEP - 1) // st.SAMPLE_STEP
     est = counts.float() * (n_keys / n_c).float()[:, None]
     j_w = ((est >= target).sum(1) - 1).clamp(min=0)
@@ -207,12 +206,11 @@ def test_threshold_arithmetic_matches_torch():
     runner = streaming._Rows(A, kv, rows, 0, 1.0, "logit_sum", cfg, row_base=k)
     main, tw, std = streaming._first_thresholds(runner, k)
     step = min(streaming.STATS_STEP, max(streaming.SAMPLE_STEP, k // 32))
-    stats = runner.run(0, key_step=step)["stats"].cpu()
     grid_k = torch.empty(T - k, streaming.SAMPLE_GRID, device=DEVICE)
-    runner.run(0, key_step=step, aim=(streaming.TARGET * k, grid_k, torch.empty(T - k, device=DEVICE)))
+    stats = runner.run(0, key_step=step, aim=(streaming.TARGET * k, grid_k, torch.empty(T - k, device=DEVICE)))
     # Counts at the kernel's own grid, so that a score between two nearly equal grids cannot differ.
-    count_at = lambda g: runner.run(1, key_step=streaming.SAMPLE_STEP, th=grid_k)["counts"].cpu()
-    grid, std_t, main_t, tw_t = thresholds_in_torch(stats, count_at, rows.long().cpu() + 1, k)
+    counts = runner.run(1, key_step=streaming.SAMPLE_STEP, th=grid_k)["counts"].cpu()
+    grid, std_t, main_t, tw_t = thresholds_in_torch(stats["stats"].cpu(), counts, rows.long().cpu() + 1, k)
     # Tolerance: fp32 rounding of the same formulas (fused multiply-adds and fast log / sqrt on the
     # GPU), relative to the score spread and to the value itself; a wrong formula moves a threshold
     # by a sizeable fraction of the std.
@@ -266,12 +264,11 @@ def test_select_kernel_exact_on_close_and_tied_scores():
     count = torch.randint(topk, cap + 1, (R,), generator=gen).int()
     rows = torch.arange(R, dtype=torch.int32)
     out = torch.full((R, topk), -7, dtype=torch.int32)
-    rmax = torch.stack([buf_v[r, : int(count[r])].max() for r in range(R)])
     # The main pass's buffer format: (int32 image of the score that orders like the floats) << 32 | key.
     bits = (buf_v + 0.0).view(torch.int32)
     image = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
     buf = (image.long() << 32) | buf_i.long()
-    res = {k: v.to(DEVICE) for k, v in dict(buf=buf, count_w=count, rmax=rmax).items()}
+    res = {k: v.to(DEVICE) for k, v in dict(buf=buf, count_w=count).items()}
     out_d = out.to(DEVICE)
     streaming._select(res, rows.to(DEVICE), out_d, topk, cap, None)  # no count bounds
     for r in range(R):

@@ -271,15 +271,15 @@ def _retry(first: dict, q, kv, topk, mode, scale, q_offset, out) -> None:
         return
     runner = first["runner"].subset(bad)
     if score_elements(runner.R, kv.shape[0], q.shape[1], mode) > REFERENCE_ELEMENTS:
-        grid, count_w, std = first["grid"], first["count_w"], first["std"]
-        # count_w is the exact count at tw (the cursor counts past cap); the grid's counts and
-        # the row max come from a counting pass over the bad rows only.
-        th = torch.cat([grid[bad], first["tw"][bad, None]], 1)
-        res = runner.run(1, th=grid[bad])
-        counts = torch.cat([res["counts"], count_w[bad, None]], 1)
-        std = std[bad]
-        grid, tw = _next_thresholds(th, counts, res["rmax"], std, topk, cap)
+        # Per try: the thresholds tried (grid and tw), the exact counts at them (count_w at tw: the
+        # cursor counts past cap) and the row max. The first main pass did not count at its grid,
+        # so a counting pass over the bad rows only supplies those counts and the row max.
+        grid, tw, std, count_w = first["grid"][bad], first["tw"][bad], first["std"][bad], first["count_w"][bad]
+        res = runner.run(1, th=grid)
+        counts, rmax = res["counts"], res["rmax"]
         for attempt in range(1, MAX_TRIES):
+            grid, tw = _next_thresholds(torch.cat([grid, tw[:, None]], 1), torch.cat([counts, count_w[:, None]], 1),
+                                        rmax, std, topk, cap)
             PASS_COUNTS[attempt + 1] += runner.R
             res = runner.run(2, th=grid, tw=tw, cap=cap, count=True)  # retries count as they go
             _select(res, runner.rows, out, topk, cap, grid)
@@ -287,10 +287,8 @@ def _retry(first: dict, q, kv, topk, mode, scale, q_offset, out) -> None:
             if bad.numel() == 0:
                 return
             runner = runner.subset(bad)
-            th = torch.cat([grid[bad], tw[bad, None]], 1)
-            counts = torch.cat([res["counts"][bad], res["count_w"][bad, None]], 1)
-            std = std[bad]
-            grid, tw = _next_thresholds(th, counts, res["rmax"][bad], std, topk, cap)
+            grid, tw, std = grid[bad], tw[bad], std[bad]
+            counts, count_w, rmax = res["counts"][bad], res["count_w"][bad], res["rmax"][bad]
     PASS_COUNTS["reference"] += runner.R
     _reference_rows(q, kv, runner.rows, topk, mode, scale, q_offset, out)
 
@@ -328,6 +326,9 @@ def native_topk_triton(q, kv, topk: int, mode: str = "logit_sum", scale: float =
             return out
         kv = kv.contiguous()
         cfg = config or default_config(mode, kv.dtype)
+        if CAP * topk + cfg["BN"] >= 1 << 23:  # the candidate store's fp32 slot arithmetic (triton_impl)
+            raise ValueError(f"native_topk (triton): topk {topk} is too large for the candidate buffers "
+                             f"({CAP} x topk + {cfg['BN']} must stay below 2^23)")
         A = _operand(q.detach(), kv.detach(), mode, _d_pad(kv.shape[1], cfg))
         chunk = max(cfg["BM"], BUFFER_BYTES // (CAP * topk * 8))
         # Every chunk's first try is queued before any host sync, so the host's work for one

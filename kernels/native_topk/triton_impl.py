@@ -153,7 +153,8 @@ def _store_candidates(row_buf, s, tw, incl, cursor, keys, cap, ASM: tl.constexpr
     barriers a tile) and spill registers, for stores that are scattered anyway: the main pass at
     L 32k took 3.9 ms, 1.9 of them in this step (NOTES, eighth round). The position comes from
     incl + (cursor - 1 + 2^23) in fp32, whose bits minus those of 2^23 are the integer (exact while
-    below 2^24: cursor is clamped to cap, and cap + BN < 2^23), so no float-to-int conversions.
+    below 2^24: cursor is clamped to cap, and the driver checks cap + BN < 2^23), so no float-to-int
+    conversions.
     The interpreter (CPU) runs the tl.store path."""
     if ASM:
         base = (tl.minimum(cursor, cap) - 1).to(tl.float32) + 8388608.0
