@@ -65,7 +65,14 @@ def main() -> None:
         except Exception as err:  # a config that does not compile or fit
             print(f"{text}: failed: {type(err).__name__}: {str(err)[:200]}")
             continue
-        print(f"{text}: " + " | ".join(f"{n} {t:.2f}" for n, t in times.items()))
+        # The selection's interpolation-search steps a row (rows whose candidates fit).
+        steps = torch.zeros(rows.numel(), dtype=torch.int32, device=dev)
+        st._select(res, rows, out, k, cap, None, iters=steps)
+        fit = (res["count_w"] >= k) & (res["count_w"] <= cap)
+        steps = steps[fit].float()
+        print(f"{text}: " + " | ".join(f"{n} {t:.2f}" for n, t in times.items())
+              + f" | candidates a row {res['count_w'].float().mean().item():.0f}"
+              + f" | search steps mean {steps.mean().item():.2f} max {steps.max().item():.0f}")
 
 
 if __name__ == "__main__":

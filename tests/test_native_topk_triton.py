@@ -270,7 +270,9 @@ def test_select_kernel_exact_on_close_and_tied_scores():
     buf = (image.long() << 32) | buf_i.long()
     res = {k: v.to(DEVICE) for k, v in dict(buf=buf, count_w=count).items()}
     out_d = out.to(DEVICE)
-    streaming._select(res, rows.to(DEVICE), out_d, topk, cap, None)  # no count bounds
+    # no count bounds; output written in chunks of 16 slots, so the chunks' carried prefix counts
+    # (of keys above and tied with the k-th) are exercised on the CPU too
+    streaming._select(res, rows.to(DEVICE), out_d, topk, cap, None, out_chunk=16)
     for r in range(R):
         n = int(count[r])
         # The reference's rule (stable: ties keep the lower position); -0.0 ties with +0.0.

@@ -86,6 +86,10 @@ def _operand(q: torch.Tensor, kv: torch.Tensor, mode: str, d_pad: int):
     logit_sum A = [T, P * d_pad], the P parts of sum_h q side by side, zero-padded."""
     if mode == "prob_sum":  # contiguous [T, H, D] underneath, so that rows are [T, H * D] for TMA
         return q.to(kv.dtype).contiguous().transpose(0, 1), q.shape[1]
+    if q.dtype == kv.dtype and d_pad == q.shape[2]:
+        # The reference's sum_h q (logit_sum_query) without its fp32 copy, already A: at T 32k its
+        # casts, zero padding and copy took 0.15 ms of GPU time before the first pass could start.
+        return q.sum(dim=1, dtype=torch.float32).to(kv.dtype), 1
     qs = logit_sum_query(q)  # the reference's sum_h q: fp32 sum rounded to q's dtype
     parts = [qs.to(kv.dtype)]
     if q.dtype != kv.dtype and kv.dtype != torch.float32:  # q wider than kv: hi + lo parts
@@ -218,26 +222,30 @@ def _next_thresholds(th, counts, rmax, std, topk: int, cap: int):
     return grid, tw
 
 
-def _select(res: dict, rows, out, topk: int, cap: int, grid) -> None:
+def _select(res: dict, rows, out, topk: int, cap: int, grid, iters=None, out_chunk: int = 1024) -> None:
     """out[rows[slot]] = exact top-k of each slot's candidate buffer, for the slots whose
     candidates fit (topk <= count <= cap; the kernel skips the others, so no host sync decides
-    which). res: a main pass that counted at thresholds grid [R, J], or grid None where it did not."""
-    if grid is None:  # no counts: the search starts from the candidates' own min and max
-        lower = torch.full_like(res["count_w"], float("-inf"), dtype=torch.float32)
-        upper = torch.full_like(lower, float("inf"))
-    else:
+    which). res: a main pass that counted at thresholds grid [R, J], or grid None where it did not.
+    iters (benchmarks): int32 [R] that receives each slot's search steps. out_chunk: slots a row
+    written per step of the kernel's output loop (a power of two; tests make it small so that
+    the loop's carried counts are exercised at small cap)."""
+    bounds = grid is not None
+    if bounds:
         # The highest threshold that still keeps >= topk keys bounds the k-th score from below.
         lower = torch.where(res["counts"] >= topk, grid, float("-inf")).amax(1)
         # The lowest threshold keeping < topk keys bounds it from above.
         upper = torch.where(res["counts"] < topk, grid, float("inf")).amin(1)
+    else:  # no counts: the search starts from the candidates' own min and max
+        lower = upper = res["count_w"]  # (not read)
     cp = triton.next_power_of_2(cap)
-    # Rows per program: at cap 4096 one row on 4 warps is fastest (1.84 ms at L 32k against 2.52
-    # for 2 rows on 4 warps and 2.81 on 8; NOTES, seventh round).
+    # Rows per program: at cap 4096 one row on 4 warps is fastest (0.86 ms at L 32k; 2 warps the
+    # same, 8 warps 1.10, 2 rows on 4 or 8 warps 1.42 / 1.18; NOTES, ninth round).
     rb = max(1, min(4, 4096 // cp))
     n = rows.numel()
     _select_kernel[(triton.cdiv(n, rb),)](
-        res["buf"], res["count_w"], lower, upper, rows, out, n, topk, cap, res["buf"].stride(0),
-        out.stride(0), RB=rb, CP=cp, num_warps=4)
+        res["buf"], res["count_w"], lower, upper, rows, out, iters if iters is not None else res["count_w"], n, topk,
+        cap, res["buf"].stride(0), out.stride(0), RB=rb, CP=cp, CH=min(cp, out_chunk), BOUNDS=bounds,
+        COUNT_ITERS=iters is not None, num_warps=4)
 
 
 def _misfits(count_w: torch.Tensor, topk: int, cap: int) -> torch.Tensor:

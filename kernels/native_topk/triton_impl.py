@@ -13,7 +13,8 @@ The [T, L] score matrix never reaches memory. Each pass recomputes scores tile b
   (COUNT=True, retried rows only) the counts of PASS=1.
 - `_lse_kernel`: per-head log-sum-exp over the causal keys (prob_sum's first pass).
 - `_select_kernel`: the exact top-k of one row's candidates (ties: lower key index), by an
-  interpolation search on the order-preserving integer image of the fp32 scores.
+  interpolation search on the order-preserving integer image of the fp32 scores (one reduction
+  of three values a step), then the output in chunks with one prefix scan each.
 
 Scores are built from an operand A against kv [L, D]:
 - logit_sum: A [T, P * D_PAD] holds the reference's sum_h q[:, h] (fp32 sum rounded to q's dtype)
@@ -365,17 +366,31 @@ def _score_pass_kernel(
 
 
 @triton.jit
-def _select_kernel(BUF, CNT_W, LOWER, UPPER, ROWS, OUT, n_slots, topk, cap, stride_buf, stride_out,
-                   RB: tl.constexpr, CP: tl.constexpr):
+def _sum_min_min(c0, a0, b0, c1, a1, b1):
+    return c0 + c1, tl.minimum(a0, a1), tl.minimum(b0, b1)
+
+
+@triton.jit
+def _min_max(a0, b0, a1, b1):
+    return tl.minimum(a0, a1), tl.maximum(b0, b1)
+
+
+@triton.jit
+def _select_kernel(BUF, CNT_W, LOWER, UPPER, ROWS, OUT, ITERS, n_slots, topk, cap, stride_buf, stride_out,
+                   RB: tl.constexpr, CP: tl.constexpr, CH: tl.constexpr, BOUNDS: tl.constexpr,
+                   COUNT_ITERS: tl.constexpr = False):
     """Exact top-k of the candidates of RB slots, in ascending key order, for the slots whose
     count fits (topk <= count <= cap <= CP); the others are left to the host's retries.
 
     BUF holds each candidate as (int32 image of its score that orders like the floats, from
     `_ordered_key`) << 32 | key index. An interpolation search (below) finds each row's k-th largest
     image v; the row takes every key above v and, of those equal to v, the lowest-indexed ones (the
-    buffer is in ascending key order).
-    LOWER/UPPER [slots]: scores known to satisfy count(>= lower) >= topk > count(>= upper) (from the
-    main pass's exact counts); they narrow the search's starting bracket."""
+    buffer is in ascending key order). Only the images (the high words) are read for the search;
+    the key indices are read at the end for the taken slots.
+    BOUNDS: LOWER/UPPER [slots] hold scores known to satisfy count(>= lower) >= topk >
+    count(>= upper) (from a retried main pass's exact counts), which narrow the starting bracket;
+    without them the bracket starts at the candidates' min and max.
+    COUNT_ITERS (benchmarks): ITERS[slot] = the search's steps."""
     slot = tl.program_id(0) * RB + tl.arange(0, RB)
     r_ok = slot < n_slots
     count = tl.load(CNT_W + slot, mask=r_ok, other=0)
@@ -383,28 +398,43 @@ def _select_kernel(BUF, CNT_W, LOWER, UPPER, ROWS, OUT, n_slots, topk, cap, stri
     row = tl.load(ROWS + slot, mask=r_ok, other=0).to(tl.int64)
     offs = tl.arange(0, CP)
     ok = (offs[None, :] < count[:, None]) & r_ok[:, None]
-    buf = slot[:, None] * stride_buf + offs[None, :]
-    packed = tl.load(BUF + buf, mask=ok, other=0)
-    key = tl.where(ok, (packed >> 32).to(tl.int32), -2147483647 - 1)  # masked: below every real score's key
-    lower = _ordered_key(tl.load(LOWER + slot, mask=r_ok, other=float("-inf")))
-    # count(>= upper) < topk, so the k-th key is below upper's key.
-    upper = _ordered_key(tl.load(UPPER + slot, mask=r_ok, other=float("inf")))
+    # Row r's candidate i as two int32 words (little-endian): key index at word 2 i, image at 2 i + 1.
+    words = BUF.to(tl.pointer_type(tl.int32)) + slot[:, None].to(tl.int64) * (2 * stride_buf)
     IMAX: tl.constexpr = 2147483647
-    # Bracket [lo, hi] around the k-th largest key v, both ends candidates' keys:
+    # Masked slots get the least int32, below every real image (only a NaN score maps there).
+    # So neither they nor rows that do not fit (lo = hi = 0) need the mask after these min/max:
+    # ~(-2^31) = 2^31 - 1 drops out of the search's min, and they are never above or equal to v.
+    key = tl.load(words + (2 * offs[None, :] + 1), mask=ok, other=-IMAX - 1)
+    # Bracket [lo, hi] around the k-th largest image v, both ends candidates' images:
     # c_lo = count(>= lo) >= topk > count(> hi) = c_hi. Masked rows start (and stay) with lo == hi.
-    lo = tl.where(r_ok, tl.min(tl.where(ok & (key >= lower[:, None]), key, IMAX), 1), 0)
-    hi = tl.where(r_ok, tl.max(tl.where(ok & (key < upper[:, None]), key, -IMAX - 1), 1), 0)
-    c_lo = tl.sum((key >= lo[:, None]).to(tl.int32), 1)
-    c_hi = tl.sum((key > hi[:, None]).to(tl.int32), 1)
+    if BOUNDS:
+        lower = _ordered_key(tl.load(LOWER + slot, mask=r_ok, other=float("-inf")))
+        # count(>= upper) < topk, so the k-th image is below upper's.
+        upper = _ordered_key(tl.load(UPPER + slot, mask=r_ok, other=float("inf")))
+        lo, hi = tl.reduce((tl.where(ok & (key >= lower[:, None]), key, IMAX),
+                            tl.where(ok & (key < upper[:, None]), key, -IMAX - 1)), 1, _min_max)
+        lo = tl.where(r_ok, lo, 0)
+        hi = tl.where(r_ok, hi, 0)
+        c_lo = tl.sum((key >= lo[:, None]).to(tl.int32), 1)
+        c_hi = tl.sum((key > hi[:, None]).to(tl.int32), 1)
+    else:  # lo, hi = min, max of the candidates: count(>= lo) = count, count(> hi) = 0
+        lo, hi = tl.reduce((tl.where(ok, key, IMAX), key), 1, _min_max)
+        lo = tl.where(r_ok, lo, 0)
+        hi = tl.where(r_ok, hi, 0)
+        c_lo = count
+        c_hi = tl.zeros([RB], tl.int32)
     lo = tl.where(c_hi == topk - 1, hi, lo)  # count(> hi) = topk - 1: v = hi
     hi = tl.where(c_lo == topk, lo, hi)  # count(>= lo) = topk: v = lo
-    # Interpolation search on the keys: guess where count(>= x) crosses topk by linear
+    # Interpolation search on the images: guess where count(>= x) crosses topk by linear
     # interpolation between the ends (a few steps on smooth score tails, against about 25 for
-    # bisection), snapping the moved end to a candidate's key (so both ends stay candidates and a
+    # bisection), snapping the moved end to a candidate's image (so both ends stay candidates and a
     # bracket of few candidates closes at once). A step that does not halve the candidates left in
-    # the bracket makes the next one a bisection, so even adversarial keys take at most about twice
-    # bisection's steps. Two reductions a step (count, snap), all on int32 ([RB, CP] tiles).
+    # the bracket makes the next one a bisection, so even adversarial images take at most about
+    # twice bisection's steps. Each step is one reduction of three values (the count at the guess
+    # and the nearest images on either side of it), so the step waits on one exchange between
+    # the program's warps, not two in a row.
     bisect = tl.zeros([RB], tl.int1)
+    iters = tl.zeros([RB], tl.int32)
     while tl.max((lo < hi).to(tl.int32)) > 0:
         active = lo < hi
         gap = c_lo - c_hi
@@ -412,23 +442,41 @@ def _select_kernel(BUF, CNT_W, LOWER, UPPER, ROWS, OUT, n_slots, topk, cap, stri
         frac = ((c_lo - topk).to(tl.float32) + 0.5) / tl.maximum(gap, 1).to(tl.float32)
         step = tl.where(bisect, (span + 1) >> 1, ((span + 1).to(tl.float32) * frac).to(tl.int64))
         mid = (lo.to(tl.int64) + tl.minimum(tl.maximum(step, 1), span)).to(tl.int32)  # in [lo + 1, hi]
-        c_mid = tl.sum((key >= mid[:, None]).to(tl.int32), 1)
-        up = c_mid >= topk  # v >= mid: lo moves up to the least key >= mid; else hi to the largest < mid
-        # ~key = -1 - key reverses the order without overflow, so one min serves both directions.
-        snap = tl.min(tl.where(up[:, None], tl.where(key >= mid[:, None], key, IMAX),
-                               tl.where(ok & (key < mid[:, None]), ~key, IMAX)), 1)
-        lo = tl.where(active & up, snap, lo)
+        ge = key >= mid[:, None]
+        # ~key = -1 - key reverses the order without overflow, so a min finds the largest below mid.
+        c_mid, above_mid, below_mid = tl.reduce(
+            (ge.to(tl.int32), tl.where(ge, key, IMAX), tl.where(ge, IMAX, ~key)), 1, _sum_min_min)
+        up = c_mid >= topk  # v >= mid: lo moves up to the least image >= mid; else hi to the largest < mid
+        lo = tl.where(active & up, above_mid, lo)
         c_lo = tl.where(active & up, c_mid, c_lo)
-        hi = tl.where(active & ~up, ~snap, hi)
+        hi = tl.where(active & ~up, ~below_mid, hi)
         c_hi = tl.where(active & ~up, c_mid, c_hi)
         bisect = active & ((c_lo - c_hi) * 2 > gap)
         lo = tl.where(active & (c_hi == topk - 1), hi, lo)
         hi = tl.where(active & (c_lo == topk), lo, hi)
+        iters += active.to(tl.int32)
+    if COUNT_ITERS:
+        tl.store(ITERS + slot, iters, mask=r_ok)
     kth = lo[:, None]
-    above = key > kth
-    tied = (key == kth).to(tl.int32)
-    need = topk - tl.sum(above.to(tl.int32), 1)
-    take = (above | ((tied > 0) & (tl.cumsum(tied, 1) <= need[:, None]))).to(tl.int32)
-    pos = tl.cumsum(take, 1) - 1
-    idx = (packed & 0xFFFFFFFF).to(tl.int32)
-    tl.store(OUT + row[:, None] * stride_out + pos, idx, mask=(take > 0) & r_ok[:, None])
+    need = topk - tl.sum((key > kth).to(tl.int32), 1)
+    # The output, in chunks of CH <= CP slots re-read from the buffer (L2): done on the whole row, the
+    # 64-bit addresses of its index loads and output stores took the registers from 96 to 177
+    # (4 warps), which halves how many rows an SM works on during the search.
+    # One scan a chunk gives both prefix counts: images above v in the low digit, images equal to v
+    # in the high one (base 2 CP; int32 while CP <= 2^14). A slot is taken when above v, or equal to
+    # v within the first `need` ties; its output position counts the taken slots up to it.
+    BASE: tl.constexpr = 2 * CP
+    carry = tl.zeros([RB], tl.int32 if CP <= 16384 else tl.int64)
+    for c0 in range(0, tl.max(tl.where(r_ok, count, 0)), CH):
+        o = c0 + tl.arange(0, CH)[None, :]
+        img = tl.load(words + (2 * o + 1), mask=(o < count[:, None]) & r_ok[:, None], other=-IMAX - 1)
+        above = img > kth
+        tied = img == kth
+        flags = above.to(carry.dtype) + tied.to(carry.dtype) * BASE
+        both = tl.cumsum(flags, 1) + carry[:, None]
+        carry += tl.sum(flags, 1)
+        cum_tied = (both // BASE).to(tl.int32)
+        take = above | (tied & (cum_tied <= need[:, None]))
+        pos = (both % BASE).to(tl.int32) + tl.minimum(cum_tied, need[:, None]) - 1
+        idx = tl.load(words + 2 * o, mask=take, other=0)
+        tl.store(OUT + row[:, None] * stride_out + pos, idx, mask=take)
