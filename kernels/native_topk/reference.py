@@ -44,9 +44,10 @@ def native_scores_reference(
     return scores.masked_fill(~allowed, float("-inf"))
 
 
-def logit_sum_query(q: torch.Tensor) -> torch.Tensor:
-    """q [C, H, D] -> sum_h q [C, D] fp32: summed in fp32, rounded once to q's dtype."""
-    return q.sum(dim=1, dtype=torch.float32).to(q.dtype).float()
+def logit_sum_query(q: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """q [C, H, D] -> sum_h q [C, D] in dtype: summed in fp32, rounded once to q's dtype (dtype q's
+    own dtype returns that rounding without a further copy)."""
+    return q.sum(dim=1, dtype=torch.float32).to(q.dtype).to(dtype)
 
 
 def native_topk_reference(
