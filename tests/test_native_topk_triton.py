@@ -165,6 +165,38 @@ def test_few_missed_rows_go_to_the_reference(monkeypatch, mode):
     assert streaming.PASS_COUNTS[2] == before.get(2, 0)
 
 
+@pytest.mark.parametrize("mode", ["logit_sum", "prob_sum"])
+def test_keys_past_a_row_are_never_taken(monkeypatch, mode):
+    """Scores that rise with the key index (score of key j = H j exactly), so a row's first key past
+    its causal end would outscore every key it may take. The main pass masks scores only in key
+    tiles that reach past some row's end; here the shortest row of every block of rows ends on
+    the last key of a tile (rows start at topk = BN - 2 and blocks are BM rows, BM a multiple of
+    BN), the case an off-by-one in that test would get wrong. No row goes to the reference."""
+    cfg = streaming.default_config(mode)
+    BM, BN = cfg["BM"], cfg["BN"]
+    k = BN - 2
+    T = L = k + 3 * BM + 5
+    H = 8
+    j = torch.arange(L)
+    q = torch.zeros(T, H, 576 if GPU else 24)
+    q[:, :, :2] = 1.0
+    kv = torch.zeros(L, q.shape[2])
+    kv[:, 0] = (j & ~63).float()  # two parts, each exact in bf16, that add up to j
+    kv[:, 1] = (j & 63).float()
+    q, kv = q.bfloat16(), kv.bfloat16()
+    scale = 1.0 / (H * k)  # prob_sum: adjacent keys' probabilities differ by a factor e^(1/k)
+    monkeypatch.setattr(streaming, "REFERENCE_ELEMENTS", 0)
+    before = dict(streaming.PASS_COUNTS)
+    got = native_topk_triton(q.to(DEVICE), kv.to(DEVICE), k, mode, scale).cpu()
+    # Each row r takes its last k causal keys, r - k + 1 .. r.
+    expected = (torch.arange(T)[:, None] - k + 1 + torch.arange(k)[None, :]).int()
+    expected = torch.where(torch.arange(T)[:, None] < k, torch.arange(k)[None, :].int(), expected)
+    expected = torch.where(expected > torch.arange(T)[:, None], -1, expected)
+    assert torch.equal(got, expected)
+    check_rows(got, native_topk_reference(q, kv, k, mode, scale), None, k)
+    assert streaming.PASS_COUNTS["reference"] == before.get("reference", 0)
+
+
 def thresholds_in_torch(stats, counts, n_keys, topk):
     """The sample passes' threshold arithmetic (triton_impl `_sample_grid`, `_aim`) written with torch
     ops: grid from the stats, then the write threshold and the main grid from the sample's counts

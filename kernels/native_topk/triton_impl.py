@@ -8,9 +8,9 @@ The [T, L] score matrix never reaches memory. Each pass recomputes scores tile b
   PASS=1: counts of scores >= each of J per-row thresholds (a cumulative histogram), and on a
   first try the write threshold and the main pass's grid aimed from them (`_aim`);
   PASS=2: every (score, key) with score >= a per-row write threshold `tw`, compacted in
-  ascending key order into a per-row candidate buffer of `cap` int64 slots (the score's
-  order-preserving int32 image in the high half, the key in the low half), the exact count >= tw and
-  (COUNT=True, retried rows only) the counts of PASS=1.
+  ascending key order into a per-row candidate buffer of `cap` int64 slots plus BN spare ones (the
+  score's order-preserving int32 image in the high half, the key in the low half), the exact count
+  >= tw and (COUNT=True, retried rows only) the counts of PASS=1.
 - `_lse_kernel`: per-head log-sum-exp over the causal keys (prob_sum's first pass).
 - `_select_kernel`: the exact top-k of one row's candidates (ties: lower key index), by an
   interpolation search on the order-preserving integer image of the fp32 scores (one reduction
@@ -120,22 +120,21 @@ def _ordered_key(x):
 
 
 # The candidate store as inline PTX: the same test, position and 8-byte value as the tl.store path
-# of `_store_candidates`. $1 row buffer, $2 score, $3 write threshold, $4 inclusive prefix count
-# (fp32), $5 cursor - 1 + 2^23 (fp32), $6 key, $7 cap; $0 is a dummy result.
+# of `_store_candidates`. $1 row buffer's address minus 8 x 0x4B000000 (int64), $2 score,
+# $3 write threshold, $4 inclusive prefix count (fp32), $5 cursor - 1 + 2^23 (fp32), $6 key; $0
+# is a dummy result. The slot's fp32 t = incl + cursor - 1 + 2^23 has bits 0x4B000000 + slot, so
+# the address is (row buffer - 8 x 0x4B000000) + 8 x bits(t), one multiply-add.
 _STORE_PTX = tl.constexpr("""{
-.reg .pred p, q; .reg .b32 pos, img, m; .reg .f32 t; .reg .b64 a, v;
+.reg .pred p; .reg .b32 pos, img, m; .reg .f32 t; .reg .b64 a, v;
 setp.ge.f32 p, $2, $3;
 add.f32 t, $4, $5;
 mov.b32 pos, t;
-sub.s32 pos, pos, 0x4B000000;
-setp.lt.s32 q, pos, $7;
-and.pred p, p, q;
+mad.wide.s32 a, pos, 8, $1;
 add.f32 t, $2, 0f00000000;
 mov.b32 img, t;
 shr.s32 m, img, 31;
 and.b32 m, m, 0x7FFFFFFF;
 xor.b32 img, img, m;
-mad.wide.s32 a, pos, 8, $1;
 mov.b64 v, {$6, img};
 @p st.global.b64 [a], v;
 mov.b32 $0, 0;
@@ -144,33 +143,33 @@ mov.b32 $0, 0;
 
 @triton.jit
 def _store_candidates(row_buf, s, tw, incl, cursor, keys, cap, ASM: tl.constexpr):
-    """Write each score s >= tw of the tile at slot cursor + incl - 1 of its row's buffer (while
-    below cap) as (_ordered_key(s) << 32) | key. row_buf [BM] pointers, s/incl [BM, BN] fp32 (incl:
-    inclusive prefix counts of the taken keys, exact integers), tw/cursor [BM], keys [BN] int32.
+    """Write each score s >= tw of the tile at slot min(cursor, cap) + incl - 1 of its row's
+    buffer as (_ordered_key(s) << 32) | key. row_buf [BM] pointers to rows of cap + BN slots (the
+    slot stays below cap + BN, so no bound test), s/incl [BM, BN] fp32 (incl: inclusive prefix
+    counts of the taken keys, exact integers), tw/cursor [BM], keys [BN] int32.
 
     ASM (the GPU path): the test, position, packing and store in one inline-PTX op a score. A
     tl.store would make the compiler move the pointers, values and masks of the whole tile from
     the MMA's register layout into the store's coalesced layout through shared memory (about 70
     barriers a tile) and spill registers, for stores that are scattered anyway: the main pass at
     L 32k took 3.9 ms, 1.9 of them in this step (NOTES, eighth round). The position comes from
-    incl + (cursor - 1 + 2^23) in fp32, whose bits minus those of 2^23 are the integer (exact while
-    below 2^24: cursor is clamped to cap, and the driver checks cap + BN < 2^23), so no float-to-int
-    conversions.
+    incl + (min(cursor, cap) - 1 + 2^23) in fp32, whose bits minus those of 2^23 are the integer
+    (exact below 2^24: the driver checks cap + BN < 2^23), so no float-to-int conversions; the
+    bits of 2^23 are subtracted from the row's address once (NOTES, tenth round).
     The interpreter (CPU) runs the tl.store path."""
     if ASM:
         base = (tl.minimum(cursor, cap) - 1).to(tl.float32) + 8388608.0
         # (row addresses as int64: triton 3.6 takes no pointer operands here)
+        row_addr = row_buf.to(tl.int64) - 8 * 0x4B000000
         tl.inline_asm_elementwise(
-            _STORE_PTX, "=r,l,f,f,f,f,r,r",
-            [tl.broadcast_to(row_buf.to(tl.int64)[:, None], s.shape), s, tl.broadcast_to(tw[:, None], s.shape), incl,
-             tl.broadcast_to(base[:, None], s.shape), tl.broadcast_to(keys[None, :], s.shape),
-             tl.full(s.shape, cap, tl.int32)],
+            _STORE_PTX, "=r,l,f,f,f,f,r",
+            [tl.broadcast_to(row_addr[:, None], s.shape), s, tl.broadcast_to(tw[:, None], s.shape), incl,
+             tl.broadcast_to(base[:, None], s.shape), tl.broadcast_to(keys[None, :], s.shape)],
             dtype=tl.int32, is_pure=False, pack=1)
     else:
-        pos = cursor[:, None] + incl.to(tl.int32) - 1
-        keep = (s >= tw[:, None]) & (pos < cap)
+        pos = tl.minimum(cursor, cap)[:, None] + incl.to(tl.int32) - 1
         packed = (_ordered_key(s).to(tl.int64) << 32) | keys[None, :].to(tl.int64)
-        tl.store(row_buf[:, None] + pos, packed, mask=keep)
+        tl.store(row_buf[:, None] + pos, packed, mask=s >= tw[:, None])
 
 
 @triton.jit
@@ -178,7 +177,8 @@ def _reduce_tile(s, valid, keys, slots, row_ok, tw, TH, BUF, stride_th, stride_b
                  counts, s_n, s_sum, s_sq, s_max, cursor,
                  PASS: tl.constexpr, J: tl.constexpr, COUNT: tl.constexpr, DOT_FP32: tl.constexpr,
                  ASM_STORE: tl.constexpr):
-    """Fold one tile's scores s [BM, BN] (-inf where not `valid`) into the pass's per-row state:
+    """Fold one tile's scores s [BM, BN] (-inf past each row's causal keys; `valid` marks the
+    others in PASS 0, None otherwise) into the pass's per-row state:
     counts [BM, J], sample sums s_n/s_sum/s_sq [BM], row max s_max [BM], candidate cursor [BM].
     The first main pass (PASS 2 without COUNT) keeps no row max: only retries use it, and they
     get it from their counting pass."""
@@ -295,7 +295,9 @@ def _score_pass_kernel(
 
     One flat loop over (key tile, head, D chunk) steps rather than loops nested per tile: the
     software pipeline then runs across tile boundaries, so the next tile's first chunks load while
-    this tile's epilogue runs (NOTES, seventh round)."""
+    this tile's epilogue runs (NOTES, seventh round). The price: the accumulator's reset after
+    each tile makes ptxas serialise the wgmma (C7515); nested loops avoid that but measured slower
+    (NOTES, tenth round)."""
     slots, rows, row_ok, n_keys = _row_block(ROWS, R, L, q_offset, BM)
     row0 = row_base + _first_slot(BM)  # the block's first row (TMA)
     counts = tl.zeros([BM, J], tl.int32)
@@ -312,6 +314,7 @@ def _score_pass_kernel(
     NCH: tl.constexpr = NPARTS * (D_PAD // DC)  # D chunks a head
     n_heads = P if PROB else 1
     span = tl.max(n_keys).to(tl.int32)  # (int32 steps: int64 index arithmetic costs)
+    short = tl.min(tl.where(row_ok, n_keys, span)).to(tl.int32)  # the fewest causal keys of a row here
     acc = tl.zeros([BM, BN], tl.float32)  # one head's logits
     total = tl.zeros([BM, BN], tl.float32)  # prob_sum: the sum of the heads' probabilities
     for step in range(0, tl.cdiv(tl.cdiv(span, key_step), BN) * n_heads * NCH):
@@ -334,8 +337,16 @@ def _score_pass_kernel(
                     s = acc
                     acc = tl.zeros([BM, BN], tl.float32)
                 keys = (t * BN + tl.arange(0, BN)) * key_step
-                valid = keys[None, :] < n_keys[:, None]
-                s = tl.where(valid, s, float("-inf"))
+                if PASS == 0:
+                    valid = keys[None, :] < n_keys[:, None]
+                    s = tl.where(valid, s, float("-inf"))
+                else:
+                    valid = None
+                    # Only tiles reaching past some row's last causal key need the mask: a compare
+                    # and a select a score saved elsewhere. Rows past R keep scores there, but
+                    # nothing of theirs is written (tw and th are +inf for them, stores masked).
+                    if ((t + 1) * BN - 1) * key_step >= short:
+                        s = tl.where(keys[None, :] < n_keys[:, None], s, float("-inf"))
                 counts, s_n, s_sum, s_sq, s_max, cursor = _reduce_tile(
                     s, valid, keys, slots, row_ok, tw, TH, BUF, stride_th, stride_buf, cap, tri,
                     counts, s_n, s_sum, s_sq, s_max, cursor, PASS, J, COUNT, DOT_FP32, ASM_STORE)
