@@ -133,7 +133,8 @@ def test_rows_in_several_chunks_with_retries(monkeypatch):
     gen = torch.Generator().manual_seed(fresh_seed())
     q, kv = integer_inputs(T, L, H, D, gen, torch.float32)
     cfg = streaming.default_config("logit_sum", torch.float32)
-    monkeypatch.setattr(streaming, "BUFFER_BYTES", streaming.CAP * k * 8 * cfg["BM"])  # chunks of BM rows
+    row_bytes = streaming._row_slots(streaming.CAP * k, cfg) * 8
+    monkeypatch.setattr(streaming, "BUFFER_BYTES", row_bytes * cfg["BM"])  # chunks of BM rows
     skew_first_thresholds(monkeypatch, 1e4, rows=2)  # the first 2 rows of every chunk miss
     monkeypatch.setattr(streaming, "REFERENCE_ELEMENTS", 0)
     before = dict(streaming.PASS_COUNTS)
@@ -188,10 +189,10 @@ def test_keys_past_a_row_are_never_taken(monkeypatch, mode):
     monkeypatch.setattr(streaming, "REFERENCE_ELEMENTS", 0)
     before = dict(streaming.PASS_COUNTS)
     got = native_topk_triton(q.to(DEVICE), kv.to(DEVICE), k, mode, scale).cpu()
-    # Each row r takes its last k causal keys, r - k + 1 .. r.
-    expected = (torch.arange(T)[:, None] - k + 1 + torch.arange(k)[None, :]).int()
-    expected = torch.where(torch.arange(T)[:, None] < k, torch.arange(k)[None, :].int(), expected)
-    expected = torch.where(expected > torch.arange(T)[:, None], -1, expected)
+    # Each row r takes its last k causal keys, max(0, r - k + 1) .. r, then -1 where r < k - 1.
+    r = torch.arange(T)[:, None]
+    expected = (r - k + 1).clamp(min=0) + torch.arange(k)[None, :]
+    expected = torch.where(expected > r, -1, expected).int()
     assert torch.equal(got, expected)
     check_rows(got, native_topk_reference(q, kv, k, mode, scale), None, k)
     assert streaming.PASS_COUNTS["reference"] == before.get("reference", 0)

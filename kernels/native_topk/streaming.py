@@ -104,6 +104,12 @@ def _d_pad(d: int, cfg: dict) -> int:
     return triton.cdiv(d, cfg["DC"]) * cfg["DC"]
 
 
+def _row_slots(cap: int, cfg: dict) -> int:
+    """int64 slots of a row's candidate buffer: cap, plus BN spare ones so that the main pass's
+    store needs no bound test (triton_impl `_store_candidates`)."""
+    return cap + cfg["BN"]
+
+
 def _tma_ok(t: torch.Tensor, strides) -> bool:
     """Whether a descriptor over t with these strides (elements, last 1) meets the copy engine's
     alignment: 16-byte base and strides."""
@@ -169,9 +175,8 @@ class _Rows:
         counts = torch.empty(R, J, dtype=torch.int32, device=dev)
         count_w = torch.empty(R, dtype=torch.int32, device=dev)
         rmax = torch.empty(R, device=dev)
-        # packed (score, key); BN slots past cap so that the store needs no bound test (triton_impl)
-        slots = cap + cfg["BN"] if pass_id == 2 else 1
-        buf = torch.empty(R if pass_id == 2 else 1, slots, dtype=torch.int64, device=dev)
+        # packed (score, key)
+        buf = torch.empty((R, _row_slots(cap, cfg)) if pass_id == 2 else (1, 1), dtype=torch.int64, device=dev)
         target, aim_th, aim_w = aim if aim is not None else (0.0, stats, stats)
         _score_pass_kernel[(triton.cdiv(R, cfg["BM"]),)](
             self.A, self.kv, a_desc, kv_desc, self.lse2, self.rows, th, tw, stats, counts, count_w, rmax, buf,
@@ -340,7 +345,7 @@ def native_topk_triton(q, kv, topk: int, mode: str = "logit_sum", scale: float =
             raise ValueError(f"native_topk (triton): topk {topk} is too large for the candidate buffers "
                              f"({CAP} x topk + {cfg['BN']} must stay below 2^23)")
         A = _operand(q.detach(), kv.detach(), mode, _d_pad(kv.shape[1], cfg))
-        chunk = max(cfg["BM"], BUFFER_BYTES // ((CAP * topk + cfg["BN"]) * 8))
+        chunk = max(cfg["BM"], BUFFER_BYTES // (_row_slots(CAP * topk, cfg) * 8))
         # Every chunk's first try is queued before any host sync, so the host's work for one
         # chunk overlaps the GPU's for the previous; then the rare misfits of all chunks.
         tries = [_first_try(A, kv, torch.arange(s, min(T, s + chunk), device=dev, dtype=torch.int32), topk, mode,
