@@ -15,6 +15,8 @@ GEMM peak, measured time to gather each token's selected kv rows once), and our 
 of it. `--indices indexer` takes each token's keys from the native indexer (logit_sum over the same
 random q and kv) instead of at random: popular keys, as in training. If FlashMLA is importable
 (`flash_mla`, built beside the project), its sparse forward is timed on the same problem (h64/h128).
+Where the Gluon forward applies (h64/h128 on Hopper) both forwards are timed; the record keeps the
+faster (`kernel`), with the Triton kernel's time as `triton_kernel_ms`.
 """
 
 from __future__ import annotations
@@ -81,7 +83,7 @@ def bench_heads(H, T, L, k, scale, sweep, dev, gen, common, indices, gemm_peak):
     import triton
     from triton.testing import do_bench
 
-    from kernels.sparse_mla.triton_impl import default_config, sparse_mla_bwd_triton, sparse_mla_fwd_triton
+    from kernels.sparse_mla.triton_impl import _gluon_forward, default_config, sparse_mla_bwd_triton, sparse_mla_fwd_triton
     from roofline import gather_ms
 
     records = []
@@ -92,6 +94,9 @@ def bench_heads(H, T, L, k, scale, sweep, dev, gen, common, indices, gemm_peak):
     dout = torch.randn_like(out)
 
     fwd_cfgs = [default_config(H, False)]
+    gluon = _gluon_forward()
+    if gluon is not None and gluon.gluon_fwd_supported(q, kv, D_V):
+        fwd_cfgs.insert(0, "gluon")  # the warp-specialised Gluon kernel (the default at these shapes)
     bwd_default = default_config(H, True)  # (pass 1, dkv[, separate dq pass])
     top_h = max(16, triton.next_power_of_2(H))
     grid = [c for c in itertools.product((16, 32, 64), (32, 64), (4, 8), (1, 2)) if c[0] <= top_h] if sweep else []
@@ -101,14 +106,17 @@ def bench_heads(H, T, L, k, scale, sweep, dev, gen, common, indices, gemm_peak):
     # dkv kernel (pass 2): (BLOCK_K, BLOCK_C, num_warps, num_stages).
     dkv_grid = list(itertools.product((32, 64, 128), (32, 64, 128), (4, 8), (1, 2))) if sweep else []
 
+    timings = {}  # str(config) -> ms, of every configuration timed
+
     def best(fn, cfgs):
         timed = []
         for cfg in dict.fromkeys(cfgs):
             try:
                 timed.append((do_bench(lambda: fn(cfg), warmup=25, rep=200, return_mode="median"), cfg))
+                timings[str(cfg)] = timed[-1][0]
             except Exception as err:  # a configuration that does not fit (shared memory, registers)
                 print(f"   config {cfg} failed: {type(err).__name__}: {str(err)[:80]}")
-        return min(timed)
+        return min(timed, key=lambda t: t[0])
 
     def bwd(cfg):
         return sparse_mla_bwd_triton(q, kv, idx, scale, D_V, out, lse, dout, cfg)
@@ -154,12 +162,19 @@ def bench_heads(H, T, L, k, scale, sweep, dev, gen, common, indices, gemm_peak):
         tflops = flops / ms / 1e9
         print(f"{op:15} {H:4d} {str(cfg):>18} {ms:9.3f} {tflops:8.1f} {bms:12.3f} {bms / ms:8.2f}"
               + ("  (deterministic)" if det else ""))
-        records.append(dict(common, op=op, heads=H, ms=ms, tflops=tflops, config=list(cfg), deterministic=det,
+        records.append(dict(common, op=op, heads=H, ms=ms, tflops=tflops, deterministic=det,
+                            config=cfg if isinstance(cfg, str) else list(cfg),
+                            kernel="gluon" if cfg == "gluon" else "triton",
                             baseline="torch gather+bmm (bf16)", baseline_ms=bms, speedup=bms / ms,
                             baseline_tflops=flops / bms / 1e9, peak_mem_gb=peak, baseline_peak_mem_gb=base_peak,
                             indices=indices))
         if op == "sparse_mla_fwd":
             records[-1].update(roof)
+            if "gluon" in timings:  # the Gluon kernel against this file's Triton kernel, same run
+                tri_ms = timings[str(default_config(H, False))]
+                records[-1].update(triton_kernel_ms=tri_ms, gluon_vs_triton=tri_ms / timings["gluon"])
+                print(f"   Gluon forward H{H}: {timings['gluon']:.3f} ms against the Triton kernel's {tri_ms:.3f} ms "
+                      f"({tri_ms / timings['gluon']:.2f}x)")
             if peer_ms is not None:
                 records[-1].update(peer="FlashMLA flash_mla_sparse_fwd", peer_ms=peer_ms, peer_ratio=peer_ms / ms)
     torch.cuda.empty_cache()

@@ -153,3 +153,34 @@ def test_dkv_column_slabs_follow_the_measured_choices():
     assert _slab_cols(131072, 576, 64, 128, 2, None) == 576
     assert _slab_cols(131072, 576, 64, 128, 2, 2) == 128
     assert _slab_cols(4096, 576, 64, 128, 2, None) == 576
+
+
+def _hopper() -> bool:
+    return GPU and torch.cuda.get_device_capability()[0] == 9
+
+
+@pytest.mark.skipif(not _hopper(), reason="the Gluon forward needs a Hopper GPU (Gluon has no CPU interpreter)")
+@pytest.mark.parametrize("shape", [(37, 1031, 64, 200), (33, 700, 64, 64), (129, 3000, 128, 2048 + 37),
+                                   (65, 4096, 128, 2048), (17, 300, 192, 300)],
+                         ids=lambda s: "T{}-L{}-H{}-k{}".format(*s))
+def test_gluon_forward_matches_reference(shape):
+    """The warp-specialised Gluon forward (h64/h128 default) against the fp32 reference: ragged last
+    block (k 200, 2085), an odd number of 64-key blocks (its pair's second block all invalid: k 64,
+    200, 2085), 25% invalid slots, a row with no key (out 0, lse -inf), 3 head blocks (H 192).
+    And sparse_mla_fwd_triton takes this kernel by default for these shapes."""
+    from kernels.sparse_mla.gluon_fwd import sparse_mla_fwd_gluon
+    from kernels.sparse_mla.reference import sparse_mla_fwd_reference
+    from kernels.sparse_mla.triton_impl import sparse_mla_fwd_triton
+
+    T, L, H, k = shape
+    q, kv, idx = make_inputs(T, L, H, 576, k, torch.bfloat16, torch.Generator().manual_seed(fresh_seed()))
+    q, kv, idx = q.cuda(), kv.cuda(), idx.cuda()
+    out, lse = sparse_mla_fwd_gluon(q, kv, idx, 576**-0.5, 512)
+    ref_out, ref_lse = sparse_mla_fwd_reference(q.float(), kv.float(), idx, 576**-0.5, 512)
+    finite = torch.isfinite(ref_lse)
+    assert torch.equal(finite, torch.isfinite(lse)), "lse must be -inf exactly for rows without keys"
+    assert torch.all(out[T // 2] == 0)
+    assert_close("out", ref_out, out.float(), BOUND[torch.bfloat16])
+    assert_close("lse", ref_lse[finite], lse[finite], 1e-5)
+    default_out, default_lse = sparse_mla_fwd_triton(q, kv, idx, 576**-0.5, 512)
+    assert torch.equal(default_out, out) and torch.equal(default_lse, lse)

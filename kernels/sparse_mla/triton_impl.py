@@ -299,11 +299,35 @@ def _head_block(heads: int) -> int:
     return min(max(16, triton.next_power_of_2(heads)), 64)
 
 
+def _gluon_forward():
+    """The Gluon forward module (gluon_fwd.py), or None where it cannot run: under the interpreter
+    (Gluon has none) or with a Triton that has no Gluon."""
+    if _interpreting():
+        return None
+    try:
+        from . import gluon_fwd
+    except ImportError:
+        return None
+    return gluon_fwd
+
+
 def sparse_mla_fwd_triton(q, kv, indices, scale: float, d_v: int, config=None):
     """q [T, H, D], kv [L, D], indices [T, k] int32 -> out [T, H, d_v] (q.dtype), lse [T, H] fp32.
-    `config` overrides default_config (benchmark sweeps)."""
+
+    With config None, shapes the Gluon kernel takes (bf16, D 576, d_v 512, heads a multiple of 64,
+    Hopper) run there (gluon_fwd.py: warp-specialised, 1.7x this file's kernel at h128); 'gluon'
+    asks for it and fails where it cannot run; a tuple runs this file's kernel with that
+    (BLOCK_H, BLOCK_K, num_warps, num_stages) (benchmark sweeps)."""
     check_triton_inputs(q, kv, indices, d_v)
     q, kv, indices = q.contiguous(), kv.contiguous(), indices.contiguous().to(torch.int32)
+    if config is None or config == "gluon":
+        gluon = _gluon_forward()
+        if gluon is not None and gluon.gluon_fwd_supported(q, kv, d_v):
+            return gluon.sparse_mla_fwd_gluon(q, kv, indices, scale, d_v)
+        if config == "gluon":
+            raise ValueError("sparse_mla (triton): config 'gluon' needs a Hopper GPU, Triton with Gluon, bf16 q/kv, "
+                             f"D 576, d_v 512 and heads a multiple of 64; got {q.dtype} q {tuple(q.shape)}, d_v {d_v}, "
+                             f"on {q.device}")
     T, H, D = q.shape
     out = torch.empty(T, H, d_v, dtype=q.dtype, device=q.device)
     lse = torch.empty(T, H, dtype=torch.float32, device=q.device)
