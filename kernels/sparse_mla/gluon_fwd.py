@@ -46,6 +46,12 @@ D_ROPE = gl.constexpr(64)    # rope columns (D = 576)
 HALF = gl.constexpr(256)     # value columns per math warpgroup
 _NEG_BIG = gl.constexpr(-1.0e30)
 
+# cp.async into shared memory: `async_copy_global_to_shared` up to triton 3.6 (the device's),
+# renamed `async_load` later (3.9 raises on the old name).
+_cp_async = getattr(async_copy, "async_load", None) or async_copy.async_copy_global_to_shared
+# A barrier among the calling partition's warps: `thread_barrier` up to 3.6, `barrier` later.
+_sync_warps = getattr(gl, "thread_barrier", None) or gl.barrier
+
 
 @gluon.jit
 def _gather_rows(dst, SRC, row_off, row_ok, COLS: gl.constexpr, EVICT: gl.constexpr):
@@ -56,9 +62,9 @@ def _gather_rows(dst, SRC, row_off, row_ok, COLS: gl.constexpr, EVICT: gl.conste
     ptrs = SRC + row_off[:, None] + cols[None, :]
     mask = row_ok[:, None] & (cols[None, :] < COLS)
     if EVICT:
-        async_copy.async_copy_global_to_shared(dst, ptrs, mask=mask, eviction_policy="evict_last")
+        _cp_async(dst, ptrs, mask=mask, eviction_policy="evict_last")
     else:
-        async_copy.async_copy_global_to_shared(dst, ptrs, mask=mask)
+        _cp_async(dst, ptrs, mask=mask)
 
 
 @gluon.jit
@@ -157,7 +163,7 @@ def _epilogue(o, l, m, W: gl.constexpr, lbuf, l_bar, OUT, LSE, out_row0, stride_
     o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, HALF, 16])
     row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
     lbuf.index(W).store(l)
-    gl.thread_barrier()
+    _sync_warps()
     mbarrier.arrive(l_bar.index(W))
     mbarrier.wait(l_bar.index(1 - W), 0)
     l = l + lbuf.index(1 - W).load(row_s)
@@ -191,7 +197,7 @@ def _wg0(IDX, OUT, LSE, idx_row0, out_row0, stride_oh, lse_row0, TOPK, n_pairs, 
                     IDX, idx_row0, 2 * j, TOPK, scale_log2)
         m0 = gl.maximum(m, gl.max(s, 1))
         mx.index(0).store(m0)
-        gl.thread_barrier()
+        _sync_warps()
         mbarrier.arrive(m_bar.index(0))
         p = gl.exp2(s - m0[:, None])
         alpha = gl.exp2(m - m0)
@@ -209,7 +215,7 @@ def _wg0(IDX, OUT, LSE, idx_row0, out_row0, stride_oh, lse_row0, TOPK, n_pairs, 
         # frees that half after reading P0).
         kr.index(e).store((p.to(gl.float32) * sc[:, None]).to(gl.bfloat16))
         hopper.fence_async_shared()
-        gl.thread_barrier()
+        _sync_warps()
         mbarrier.arrive(p_bar.index(0))
         o = o * _rows_to_o(sc)
         l = l * sc
@@ -242,7 +248,7 @@ def _wg1(IDX, OUT, LSE, idx_row0, out_row0, stride_oh, lse_row0, TOPK, n_pairs, 
         mbarrier.wait(m_bar.index(0), ph)
         m1 = gl.maximum(mx.index(0).load(row_s), gl.max(s, 1))
         mx.index(1).store(m1)
-        gl.thread_barrier()
+        _sync_warps()
         mbarrier.arrive(m_bar.index(1))
         p = gl.exp2(s - m1[:, None])
         alpha = gl.exp2(m - m1)
@@ -253,7 +259,7 @@ def _wg1(IDX, OUT, LSE, idx_row0, out_row0, stride_oh, lse_row0, TOPK, n_pairs, 
         mbarrier.wait(p1_free, ph ^ 1)  # WG0 has read the previous pair's P1
         sp1.store(p)
         hopper.fence_async_shared()
-        gl.thread_barrier()
+        _sync_warps()
         mbarrier.arrive(p_bar.index(1))
         m = m1
         mbarrier.wait(p_bar.index(0), ph)
