@@ -83,7 +83,7 @@ def bench_heads(H, T, L, k, scale, sweep, dev, gen, common, indices, gemm_peak):
     import triton
     from triton.testing import do_bench
 
-    from kernels.sparse_mla.triton_impl import _gluon_forward, default_config, sparse_mla_bwd_triton, sparse_mla_fwd_triton
+    from kernels.sparse_mla.triton_impl import default_config, gluon_forward_for, sparse_mla_bwd_triton, sparse_mla_fwd_triton
     from roofline import gather_ms
 
     records = []
@@ -94,8 +94,7 @@ def bench_heads(H, T, L, k, scale, sweep, dev, gen, common, indices, gemm_peak):
     dout = torch.randn_like(out)
 
     fwd_cfgs = [default_config(H, False)]
-    gluon = _gluon_forward()
-    if gluon is not None and gluon.gluon_fwd_supported(q, kv, D_V):
+    if gluon_forward_for(q, kv, D_V) is not None:
         fwd_cfgs.insert(0, "gluon")  # the warp-specialised Gluon kernel (the default at these shapes)
     bwd_default = default_config(H, True)  # (pass 1, dkv[, separate dq pass])
     top_h = max(16, triton.next_power_of_2(H))

@@ -18,8 +18,11 @@ one running max m:
        P1 stored to shared memory
   WG0: P0 * exp2(m0 - m1) stored to shared memory; O_L = O_L*exp2(m0 - m1) + P1 V1_L
   WG1: O_R += P0' V0_R
-Each P goes into the rope columns of its own key buffer (its scores are done with them, and V only
-reads columns 0-511), which keeps shared memory at 222 KB: Q 72 KB + two key buffers of 72 KB.
+P0 goes into the rope columns of its key buffer (its scores are done with them, and V only reads
+columns 0-511), P1 into an 8 KB buffer of its own: 230,864 bytes of shared memory, Q 72 KiB + two
+key buffers of 72 KiB + P1 + row statistics and barriers. Each key buffer is two halves (value
+columns 0-255; 256-511 with the rope columns) with their own ready/free mbarriers, refilled in
+the order they free up (`_producer`).
 The running max starts at -1e30 instead of -inf so that blocks with no valid key give exp2(-inf) = 0
 rather than NaN; rows with no key at all end with l = 0 and are written as 0 (lse -inf), as in the
 reference.
@@ -45,6 +48,11 @@ D_V = gl.constexpr(512)      # value / latent columns
 D_ROPE = gl.constexpr(64)    # rope columns (D = 576)
 HALF = gl.constexpr(256)     # value columns per math warpgroup
 _NEG_BIG = gl.constexpr(-1.0e30)
+# Register layouts of a math warpgroup: the scores [64 heads, 64 keys] (wgmma N 64), its half of
+# the output [64, 256] (N 256), and per-head row statistics (m, l) in the scores' layout.
+S_LAYOUT = gl.constexpr(gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, 64, 16]))
+O_LAYOUT = gl.constexpr(gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, 256, 16]))
+ROW_S = gl.constexpr(gl.SliceLayout(1, S_LAYOUT.value))
 
 # cp.async into shared memory: `async_copy_global_to_shared` up to triton 3.6 (the device's),
 # renamed `async_load` later (3.9 raises on the old name).
@@ -132,13 +140,12 @@ def _scores(q_n, q_r, kn_s, kr_s, ready_first, ready_second, ph, R_FIRST: gl.con
             IDX, idx_row0, block, TOPK, scale_log2):
     """S = (Q K^T) * scale_log2 for one key block, the half that arrives first issued first; -inf
     where the slot is past TOPK or its index is -1: [64 heads, 64 keys] fp32, S wgmma layout."""
-    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, 64, 16])
-    s = gl.zeros([BLOCK_H, BLOCK_K], gl.float32, s_layout)
+    s = gl.zeros([BLOCK_H, BLOCK_K], gl.float32, S_LAYOUT)
     mbarrier.wait(ready_first, ph)
     s = _scores_half(q_n, q_r, kn_s, kr_s, s, R_FIRST, True)
     mbarrier.wait(ready_second, ph)
     s = _scores_half(q_n, q_r, kn_s, kr_s, s, not R_FIRST, False)
-    slots = block * BLOCK_K + gl.arange(0, BLOCK_K, layout=gl.SliceLayout(0, s_layout))
+    slots = block * BLOCK_K + gl.arange(0, BLOCK_K, layout=gl.SliceLayout(0, S_LAYOUT))
     idx = gl.load(IDX + idx_row0 + slots, mask=slots < TOPK, other=-1)
     s = hopper.warpgroup_mma_wait(0, deps=[s])
     return gl.where((idx >= 0)[None, :], s * scale_log2, float("-inf"))
@@ -146,49 +153,58 @@ def _scores(q_n, q_r, kn_s, kr_s, ready_first, ready_second, ph, R_FIRST: gl.con
 
 @gluon.jit
 def _rows_to_o(x):
-    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, HALF, 16])
-    return gl.convert_layout(x, gl.SliceLayout(1, o_layout))[:, None]
+    return gl.convert_layout(x, gl.SliceLayout(1, O_LAYOUT))[:, None]
 
 
 @gluon.jit
 def _as_a_operand(p):
-    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, HALF, 16])
-    return gl.convert_layout(p, gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2))
+    return gl.convert_layout(p, gl.DotOperandLayout(operand_index=0, parent=O_LAYOUT, k_width=2))
+
+
+@gluon.jit
+def _start(q_bar):
+    """A math warpgroup's state before its first block: running max, row sums, its output half;
+    returned once Q has landed."""
+    m = gl.full([BLOCK_H], _NEG_BIG, gl.float32, ROW_S)
+    l = gl.zeros([BLOCK_H], gl.float32, ROW_S)
+    o = gl.zeros([BLOCK_H, HALF], gl.float32, O_LAYOUT)
+    mbarrier.wait(q_bar, 0)
+    return m, l, o
+
+
+@gluon.jit
+def _softmax_step(s, m, m_new, l, o):
+    """Online softmax from running max m to m_new (>= m): P = exp2(s - m_new) in bf16 (only the
+    bf16 copy stays live across the value MMA; the fp32 one spilled), l and o rescaled, l += rowsum P."""
+    p = gl.exp2(s - m_new[:, None])
+    alpha = gl.exp2(m - m_new)
+    return p.to(gl.bfloat16), l * alpha + gl.sum(p, 1), o * _rows_to_o(alpha)
 
 
 @gluon.jit
 def _epilogue(o, l, m, W: gl.constexpr, lbuf, l_bar, OUT, LSE, out_row0, stride_oh, lse_row0):
     """Sum the two halves' l, write out[:, W*256:(W+1)*256] and (WG0) lse."""
-    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, 64, 16])
-    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, HALF, 16])
-    row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
     lbuf.index(W).store(l)
     _sync_warps()
     mbarrier.arrive(l_bar.index(W))
     mbarrier.wait(l_bar.index(1 - W), 0)
-    l = l + lbuf.index(1 - W).load(row_s)
+    l = l + lbuf.index(1 - W).load(ROW_S)
     has = l > 0
     inv = gl.where(has, 1.0 / gl.where(has, l, 1.0), 0.0)
     out = o * _rows_to_o(inv)
-    heads = gl.arange(0, BLOCK_H, layout=gl.SliceLayout(1, o_layout))
-    cols = W * HALF + gl.arange(0, HALF, layout=gl.SliceLayout(0, o_layout))
+    heads = gl.arange(0, BLOCK_H, layout=gl.SliceLayout(1, O_LAYOUT))
+    cols = W * HALF + gl.arange(0, HALF, layout=gl.SliceLayout(0, O_LAYOUT))
     gl.store(OUT + out_row0 + heads.to(gl.int64)[:, None] * stride_oh + cols[None, :], out.to(OUT.dtype.element_ty))
     if W == 0:
         lse = gl.where(has, (m + gl.log2(gl.where(has, l, 1.0))) * 0.6931471805599453, float("-inf"))
-        gl.store(LSE + lse_row0 + gl.arange(0, BLOCK_H, layout=row_s), lse)
+        gl.store(LSE + lse_row0 + gl.arange(0, BLOCK_H, layout=ROW_S), lse)
 
 
 @gluon.jit
 def _wg0(IDX, OUT, LSE, idx_row0, out_row0, stride_oh, lse_row0, TOPK, n_pairs, scale_log2,
          q_n, q_r, kn, kr, sp1, mx, lbuf, ready_l, ready_r, free_l, free_r, q_bar, m_bar, p_bar, p1_free, l_bar):
     """Scores of the even blocks (R half first: it frees up first), output columns 0-255."""
-    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, 64, 16])
-    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, HALF, 16])
-    row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
-    m = gl.full([BLOCK_H], _NEG_BIG, gl.float32, row_s)
-    l = gl.zeros([BLOCK_H], gl.float32, row_s)
-    o = gl.zeros([BLOCK_H, HALF], gl.float32, o_layout)
-    mbarrier.wait(q_bar, 0)
+    m, l, o = _start(q_bar)
     for j in range(n_pairs):
         ph = j & 1
         e = j % 2       # buffer of block 2j (this warpgroup's scores)
@@ -199,15 +215,10 @@ def _wg0(IDX, OUT, LSE, idx_row0, out_row0, stride_oh, lse_row0, TOPK, n_pairs, 
         mx.index(0).store(m0)
         _sync_warps()
         mbarrier.arrive(m_bar.index(0))
-        p = gl.exp2(s - m0[:, None])
-        alpha = gl.exp2(m - m0)
-        l = l * alpha + gl.sum(p, 1)
-        o = o * _rows_to_o(alpha)
-        # Only P0's bf16 copy stays live across the MMA (the fp32 one would spill).
-        p = p.to(gl.bfloat16)
+        p, l, o = _softmax_step(s, m, m0, l, o)
         o = hopper.warpgroup_mma(_as_a_operand(p), kn.index(e).slice(0, HALF, dim=1), o, is_async=True)
         mbarrier.wait(m_bar.index(1), ph)
-        m1 = mx.index(1).load(row_s)
+        m1 = mx.index(1).load(ROW_S)
         sc = gl.exp2(m0 - m1)
         o = hopper.warpgroup_mma_wait(0, deps=[o])
         mbarrier.arrive(free_l.index(e))
@@ -232,13 +243,7 @@ def _wg0(IDX, OUT, LSE, idx_row0, out_row0, stride_oh, lse_row0, TOPK, n_pairs, 
 def _wg1(IDX, OUT, LSE, idx_row0, out_row0, stride_oh, lse_row0, TOPK, n_pairs, scale_log2,
          q_n, q_r, kn, kr, sp1, mx, lbuf, ready_l, ready_r, free_l, free_r, q_bar, m_bar, p_bar, p1_free, l_bar):
     """Scores of the odd blocks (L half first), output columns 256-511."""
-    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, 64, 16])
-    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, HALF, 16])
-    row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
-    m = gl.full([BLOCK_H], _NEG_BIG, gl.float32, row_s)
-    l = gl.zeros([BLOCK_H], gl.float32, row_s)
-    o = gl.zeros([BLOCK_H, HALF], gl.float32, o_layout)
-    mbarrier.wait(q_bar, 0)
+    m, l, o = _start(q_bar)
     for j in range(n_pairs):
         ph = j & 1
         e = j % 2       # buffer of block 2j
@@ -246,15 +251,11 @@ def _wg1(IDX, OUT, LSE, idx_row0, out_row0, stride_oh, lse_row0, TOPK, n_pairs, 
         s = _scores(q_n, q_r, kn.index(b1), kr.index(b1), ready_l.index(b1), ready_r.index(b1), ph, False,
                     IDX, idx_row0, 2 * j + 1, TOPK, scale_log2)
         mbarrier.wait(m_bar.index(0), ph)
-        m1 = gl.maximum(mx.index(0).load(row_s), gl.max(s, 1))
+        m1 = gl.maximum(mx.index(0).load(ROW_S), gl.max(s, 1))
         mx.index(1).store(m1)
         _sync_warps()
         mbarrier.arrive(m_bar.index(1))
-        p = gl.exp2(s - m1[:, None])
-        alpha = gl.exp2(m - m1)
-        l = l * alpha + gl.sum(p, 1)
-        o = o * _rows_to_o(alpha)
-        p = p.to(gl.bfloat16)
+        p, l, o = _softmax_step(s, m, m1, l, o)
         o = hopper.warpgroup_mma(_as_a_operand(p), kn.index(b1).slice(HALF, HALF, dim=1), o, is_async=True)
         mbarrier.wait(p1_free, ph ^ 1)  # WG0 has read the previous pair's P1
         sp1.store(p)
@@ -288,7 +289,7 @@ def _sparse_mla_fwd_ws_kernel(Q, KV, IDX, OUT, LSE, scale_log2, H, TOPK, n_pairs
 
     nv: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
     flat: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, order=[0])
-    # 230.5 KB of the 227 KiB (232448 B) a block may have.
+    # 230,864 bytes of the 232,448 a block may have (227 KiB).
     q_n = gl.allocate_shared_memory(gl.bfloat16, [BLOCK_H, D_V], nv)
     q_r = gl.allocate_shared_memory(gl.bfloat16, [BLOCK_H, D_ROPE], nv)
     kn = gl.allocate_shared_memory(gl.bfloat16, [2, BLOCK_K, D_V], nv)

@@ -299,16 +299,16 @@ def _head_block(heads: int) -> int:
     return min(max(16, triton.next_power_of_2(heads)), 64)
 
 
-def _gluon_forward():
-    """The Gluon forward module (gluon_fwd.py), or None where it cannot run: under the interpreter
-    (Gluon has none) or with a Triton that has no Gluon."""
+def gluon_forward_for(q, kv, d_v: int):
+    """The Gluon forward module (gluon_fwd.py) if it takes these inputs, else None: under the
+    interpreter (Gluon has none), with a Triton that has no Gluon, or shapes it does not take."""
     if _interpreting():
         return None
     try:
         from . import gluon_fwd
     except ImportError:
         return None
-    return gluon_fwd
+    return gluon_fwd if gluon_fwd.gluon_fwd_supported(q, kv, d_v) else None
 
 
 def sparse_mla_fwd_triton(q, kv, indices, scale: float, d_v: int, config=None):
@@ -321,8 +321,8 @@ def sparse_mla_fwd_triton(q, kv, indices, scale: float, d_v: int, config=None):
     check_triton_inputs(q, kv, indices, d_v)
     q, kv, indices = q.contiguous(), kv.contiguous(), indices.contiguous().to(torch.int32)
     if config is None or config == "gluon":
-        gluon = _gluon_forward()
-        if gluon is not None and gluon.gluon_fwd_supported(q, kv, d_v):
+        gluon = gluon_forward_for(q, kv, d_v)
+        if gluon is not None:
             return gluon.sparse_mla_fwd_gluon(q, kv, indices, scale, d_v)
         if config == "gluon":
             raise ValueError("sparse_mla (triton): config 'gluon' needs a Hopper GPU, Triton with Gluon, bf16 q/kv, "
