@@ -16,7 +16,8 @@ of it. `--indices indexer` takes each token's keys from the native indexer (logi
 random q and kv) instead of at random: popular keys, as in training. If FlashMLA is importable
 (`flash_mla`, built beside the project), its sparse forward is timed on the same problem (h64/h128).
 Where the Gluon forward applies (h64/h128 on Hopper) both forwards are timed; the record keeps the
-faster (`kernel`), with the Triton kernel's time as `triton_kernel_ms`.
+faster (`kernel`), with the Triton kernel's time as `triton_kernel_ms`; likewise the backward with
+its first pass (P, dS) in Gluon (`gluon_bwd.py`) against the all-Triton backward.
 """
 
 from __future__ import annotations
@@ -83,7 +84,8 @@ def bench_heads(H, T, L, k, scale, sweep, dev, gen, common, indices, gemm_peak):
     import triton
     from triton.testing import do_bench
 
-    from kernels.sparse_mla.triton_impl import default_config, gluon_forward_for, sparse_mla_bwd_triton, sparse_mla_fwd_triton
+    from kernels.sparse_mla.triton_impl import (default_config, gluon_forward_for, gluon_pds_for, sparse_mla_bwd_triton,
+                                                sparse_mla_fwd_triton)
     from roofline import gather_ms
 
     records = []
@@ -117,13 +119,19 @@ def bench_heads(H, T, L, k, scale, sweep, dev, gen, common, indices, gemm_peak):
                 print(f"   config {cfg} failed: {type(err).__name__}: {str(err)[:80]}")
         return min(timed, key=lambda t: t[0])
 
-    def bwd(cfg):
-        return sparse_mla_bwd_triton(q, kv, idx, scale, D_V, out, lse, dout, cfg)
+    def bwd(cfg, deterministic=None):
+        # "gluon": the default dispatch, whose first pass (P, dS) runs in the Gluon kernel.
+        return sparse_mla_bwd_triton(q, kv, idx, scale, D_V, out, lse, dout, None if cfg == "gluon" else cfg,
+                                     deterministic=deterministic)
 
     fwd_ms, fwd_cfg = best(lambda c: sparse_mla_fwd_triton(q, kv, idx, scale, D_V, c), fwd_cfgs)
     # The two backward kernels are tuned one after the other (dq first, holding dkv at its default).
     _, tuned = best(bwd, [bwd_default] + [(c,) + bwd_default[1:] for c in dq_grid])
     bwd_ms, bwd_cfg = best(bwd, [tuned] + [tuned[:1] + (c,) + tuned[2:] for c in dkv_grid])
+    if gluon_pds_for(q, kv, D_V) is not None:
+        g_bwd_ms, _ = best(bwd, ["gluon"])
+        if g_bwd_ms < bwd_ms:
+            bwd_ms, bwd_cfg = g_bwd_ms, "gluon"
 
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
@@ -137,7 +145,7 @@ def bench_heads(H, T, L, k, scale, sweep, dev, gen, common, indices, gemm_peak):
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     sparse_mla_fwd_triton(q, kv, idx, scale, D_V, fwd_cfg)
-    sparse_mla_bwd_triton(q, kv, idx, scale, D_V, out, lse, dout, bwd_cfg)
+    bwd(bwd_cfg)
     peak = torch.cuda.max_memory_allocated() / 2**30
 
     g_ms, g_cfg = gather_ms(kv, idx, D_V)
@@ -153,8 +161,7 @@ def bench_heads(H, T, L, k, scale, sweep, dev, gen, common, indices, gemm_peak):
     if peer_ms is not None:
         print(f"   FlashMLA sparse forward H{H}: {peer_ms:.3f} ms ({fwd_flops / peer_ms / 1e9:.0f} TFLOP/s); "
               f"ours {fwd_ms:.3f} ms, ratio {peer_ms / fwd_ms:.2f}")
-    det_ms = do_bench(lambda: sparse_mla_bwd_triton(q, kv, idx, scale, D_V, out, lse, dout, bwd_cfg, deterministic=True),
-                      warmup=3, rep=200, return_mode="median")
+    det_ms = do_bench(lambda: bwd(bwd_cfg, deterministic=True), warmup=3, rep=200, return_mode="median")
     for op, ms, flops, cfg, bms, det in (("sparse_mla_fwd", fwd_ms, fwd_flops, fwd_cfg, base_fwd, False),
                                          ("sparse_mla_bwd", bwd_ms, bwd_flops, bwd_cfg, base_bwd, False),
                                          ("sparse_mla_bwd", det_ms, bwd_flops, bwd_cfg, base_bwd, True)):
@@ -174,6 +181,13 @@ def bench_heads(H, T, L, k, scale, sweep, dev, gen, common, indices, gemm_peak):
                 records[-1].update(triton_kernel_ms=tri_ms, gluon_vs_triton=tri_ms / timings["gluon"])
                 print(f"   Gluon forward H{H}: {timings['gluon']:.3f} ms against the Triton kernel's {tri_ms:.3f} ms "
                       f"({tri_ms / timings['gluon']:.2f}x)")
+        if op == "sparse_mla_bwd" and "gluon" in timings:  # Gluon first pass against the Triton one, same run
+            tri_ms = timings[str(bwd_default)]
+            records[-1].update(triton_kernel_ms=tri_ms, gluon_vs_triton=tri_ms / timings["gluon"])
+            if not det:
+                print(f"   backward with the Gluon first pass H{H}: {timings['gluon']:.3f} ms against all-Triton "
+                      f"{tri_ms:.3f} ms ({tri_ms / timings['gluon']:.2f}x)")
+        if op == "sparse_mla_fwd":
             if peer_ms is not None:
                 records[-1].update(peer="FlashMLA flash_mla_sparse_fwd", peer_ms=peer_ms, peer_ratio=peer_ms / ms)
     torch.cuda.empty_cache()

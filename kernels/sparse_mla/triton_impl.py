@@ -311,6 +311,16 @@ def gluon_forward_for(q, kv, d_v: int):
     return gluon_fwd if gluon_fwd.gluon_fwd_supported(q, kv, d_v) else None
 
 
+def gluon_pds_for(q, kv, d_v: int):
+    """The Gluon module of the backward's first pass (gluon_bwd.py) if it takes these inputs, else
+    None (same rules as `gluon_forward_for`)."""
+    if gluon_forward_for(q, kv, d_v) is None:
+        return None
+    from . import gluon_bwd
+
+    return gluon_bwd
+
+
 def sparse_mla_fwd_triton(q, kv, indices, scale: float, d_v: int, config=None):
     """q [T, H, D], kv [L, D], indices [T, k] int32 -> out [T, H, d_v] (q.dtype), lse [T, H] fp32.
 
@@ -404,6 +414,9 @@ def sparse_mla_bwd_triton(q, kv, indices, scale: float, d_v: int, out, lse, dout
     if deterministic:
         chunk = min(chunk, max(1, PARTIAL_BYTES // (topk * D * 4)))
     keys = torch.arange(kv.shape[0] + 1, device=kv.device) if deterministic else None  # segment bounds
+    # Pass 1 (P, dS) in the warp-specialised Gluon kernel where it runs and dq has its own pass;
+    # an explicit config keeps the Triton kernel (benchmark sweeps).
+    gluon_pds = gluon_pds_for(q, kv, d_v) if config is None and dq_cfg is not None else None
 
     def dkv_pass(t0: int, n: int, p: torch.Tensor, ds: torch.Tensor) -> None:
         target = torch.empty(n * topk, D, dtype=torch.float32, device=kv.device) if deterministic else dkv
@@ -424,13 +437,16 @@ def sparse_mla_bwd_triton(q, kv, indices, scale: float, d_v: int, out, lse, dout
         n = min(T, t0 + chunk) - t0
         p = torch.empty(n, H, topk, dtype=q.dtype, device=q.device)
         ds = torch.empty_like(p)
-        _sparse_mla_bwd_dq_kernel[(triton.cdiv(H, block_h) * n,)](
-            q, kv, indices, out, dout, lse, dq, p, ds, scale, scale * LOG2E, H, topk, t0,
-            q.stride(0), q.stride(1), kv.stride(0), indices.stride(0), dout.stride(0), dout.stride(1),
-            lse.stride(0), p.stride(0), p.stride(1),
-            D_V=d_v, D_ROPE=D - d_v, BLOCK_H=block_h, BLOCK_K=block_k, num_warps=warps, num_stages=stages,
-            WITH_DQ=dq_cfg is None, **dot_opts,
-        )
+        if gluon_pds is not None:
+            gluon_pds.sparse_mla_pds_gluon(q, kv, indices, out, dout, lse, scale, t0, p, ds)
+        else:
+            _sparse_mla_bwd_dq_kernel[(triton.cdiv(H, block_h) * n,)](
+                q, kv, indices, out, dout, lse, dq, p, ds, scale, scale * LOG2E, H, topk, t0,
+                q.stride(0), q.stride(1), kv.stride(0), indices.stride(0), dout.stride(0), dout.stride(1),
+                lse.stride(0), p.stride(0), p.stride(1),
+                D_V=d_v, D_ROPE=D - d_v, BLOCK_H=block_h, BLOCK_K=block_k, num_warps=warps, num_stages=stages,
+                WITH_DQ=dq_cfg is None, **dot_opts,
+            )
         if dq_cfg is not None:
             dq_bh, dq_bk, dq_warps, dq_stages = dq_cfg
             _sparse_mla_bwd_dq_from_ds_kernel[(triton.cdiv(H, dq_bh) * n,)](
