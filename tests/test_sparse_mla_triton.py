@@ -190,11 +190,13 @@ def test_gluon_forward_matches_reference(shape):
 @pytest.mark.parametrize("shape", [(37, 1031, 64, 200), (33, 700, 64, 64), (129, 3000, 128, 2048 + 37),
                                    (17, 300, 192, 300)],
                          ids=lambda s: "T{}-L{}-H{}-k{}".format(*s))
-def test_gluon_backward_first_pass_matches_reference(shape):
+def test_gluon_backward_matches_reference(shape):
     """The Gluon first pass of the backward (P and dS, gluon_bwd.py) against fp32 PyTorch on the same
     bf16 inputs: ragged last block (k 200, 2085), one block (k 64), 25% invalid slots (P = dS = 0),
-    a row with no key, 3 head blocks (H 192), and a chunk that starts past token 0. Then the whole
-    default backward, which takes this pass at these shapes, against the reference gradients."""
+    a row with no key, 3 head blocks (H 192), a chunk that starts past token 0, rows padded to whole
+    64-slot blocks (zeros past k). Then the whole default backward (Gluon pass 1; Gluon dK/dV pass at
+    H 64/128, Triton's at H 192) and the deterministic one (Triton dK/dV from the Gluon pass 1's
+    unpadded P/dS) against the reference gradients."""
     from kernels.sparse_mla.gluon_bwd import sparse_mla_pds_gluon
     from kernels.sparse_mla.reference import sparse_mla_fwd_reference
     from kernels.sparse_mla.triton_impl import gluon_pds_for, sparse_mla_bwd_triton
@@ -208,7 +210,8 @@ def test_gluon_backward_first_pass_matches_reference(shape):
     out = out.to(torch.bfloat16)
     assert gluon_pds_for(q, kv, 512) is not None
     t0 = T // 3  # tokens t0.. only, as one chunk of a long backward
-    p = torch.full((T - t0, H, k), float("nan"), dtype=torch.bfloat16, device="cuda")
+    kp = -(-k // 64) * 64
+    p = torch.full((T - t0, H, kp), float("nan"), dtype=torch.bfloat16, device="cuda")
     ds = torch.full_like(p, float("nan"))
     sparse_mla_pds_gluon(q, kv, idx, out, dout, lse, scale, t0, p, ds)
 
@@ -220,11 +223,14 @@ def test_gluon_backward_first_pass_matches_reference(shape):
     dp = torch.einsum("thv,tkv->thk", dout[t0:].float(), keys[..., :512])
     delta = (dout[t0:].float() * out[t0:].float()).sum(-1, keepdim=True)
     ref_ds = ref_p * (dp - delta) * scale
+    assert torch.all(p[..., k:] == 0) and torch.all(ds[..., k:] == 0)
+    p, ds = p[..., :k], ds[..., :k]
     assert torch.all(p[~ok.expand_as(p)] == 0) and torch.all(ds[~ok.expand_as(ds)] == 0)
     assert_close("P", ref_p, p.float(), BOUND[torch.bfloat16])
     assert_close("dS", ref_ds, ds.float(), BOUND[torch.bfloat16])
 
-    dq, dkv = sparse_mla_bwd_triton(q, kv, idx, scale, 512, out, lse, dout)
     ref = run(sparse_mla_reference, q.cpu(), kv.cpu(), idx.cpu(), scale, 512, dout.cpu())
-    assert_close("dq", ref[2], dq.float().cpu(), BOUND[torch.bfloat16])
-    assert_close("dkv", ref[3], dkv.float().cpu(), BOUND[torch.bfloat16])
+    for deterministic in (False, True):
+        dq, dkv = sparse_mla_bwd_triton(q, kv, idx, scale, 512, out, lse, dout, deterministic=deterministic)
+        assert_close(f"dq (deterministic={deterministic})", ref[2], dq.float().cpu(), BOUND[torch.bfloat16])
+        assert_close(f"dkv (deterministic={deterministic})", ref[3], dkv.float().cpu(), BOUND[torch.bfloat16])

@@ -48,33 +48,34 @@ def _producer(Q, KV, IDX, q_row0, stride_qh, stride_kv, idx_row0, TOPK, n_blocks
     r = gl.arange(0, BLOCK_K, layout=gl.SliceLayout(1, layout))
     q_off = q_row0 + r.to(gl.int64) * stride_qh
     all_ok = r >= 0
-    _gather_rows(q_n, Q, q_off, all_ok, D_V, False)
-    _gather_rows(q_r, Q + D_V, q_off, all_ok, D_ROPE, False)
+    _gather_rows(q_n, Q, q_off, all_ok, D_V)
+    _gather_rows(q_r, Q + D_V, q_off, all_ok, D_ROPE)
     async_copy.mbarrier_arrive(q_bar, increment_count=False)
     for b in range(n_blocks):
         x = b % 2
         ph = ((b // 2) & 1) ^ 1  # fresh barriers pass at parity 1 (first use of each buffer)
         off, ok = _block_rows(IDX, idx_row0, b, TOPK, stride_kv)
         mbarrier.wait(free_l.index(x), ph)
-        _gather_rows(kn.index(x).slice(0, HALF, dim=1), KV, off, ok, HALF, False)
+        _gather_rows(kn.index(x).slice(0, HALF, dim=1), KV, off, ok, HALF)
         async_copy.mbarrier_arrive(ready_l.index(x), increment_count=False)
         mbarrier.wait(free_r.index(x), ph)
-        _gather_rows(kn.index(x).slice(HALF, HALF, dim=1), KV + HALF, off, ok, HALF, False)
-        _gather_rows(kr.index(x), KV + D_V, off, ok, D_ROPE, False)
+        _gather_rows(kn.index(x).slice(HALF, HALF, dim=1), KV + HALF, off, ok, HALF)
+        _gather_rows(kr.index(x), KV + D_V, off, ok, D_ROPE)
         async_copy.mbarrier_arrive(ready_r.index(x), increment_count=False)
 
 
 @gluon.jit
-def _tile_offsets(b, TOPK, stride_ph):
-    """Element offsets (int32, relative to the program's first head of its row) and mask of key block
-    b's [64 heads, 64 slots] tile in the P / dS buffers, S layout; and the slots themselves."""
+def _tile_offsets(b, p_cols, stride_ph):
+    """Element offsets (int32, relative to the program's first head of its row) and mask (slots within
+    the buffer's p_cols) of key block b's [64 heads, 64 slots] tile in the P / dS buffers, S layout;
+    and the slots themselves."""
     heads = gl.arange(0, BLOCK_H, layout=ROW_S)
     slots = b * BLOCK_K + gl.arange(0, BLOCK_K, layout=gl.SliceLayout(0, S_LAYOUT))
-    return heads[:, None] * stride_ph + slots[None, :], (slots < TOPK)[None, :], slots
+    return heads[:, None] * stride_ph + slots[None, :], (slots < p_cols)[None, :], slots
 
 
 @gluon.jit
-def _wg_scores(IDX, LSE, P, idx_row0, lse_row0, p_row0, stride_ph, TOPK, n_blocks, scale_log2,
+def _wg_scores(IDX, LSE, P, idx_row0, lse_row0, p_row0, stride_ph, TOPK, p_cols, n_blocks, scale_log2,
                q_n, q_r, kn, kr, p_smem, ready_l, ready_r, free_l, free_r, q_bar, p_ready, p_free):
     """WG0: S = Q K^T per key block, P = exp2(S * scale_log2 - lse2) (0 on invalid slots), P to
     global memory and to WG1."""
@@ -92,7 +93,7 @@ def _wg_scores(IDX, LSE, P, idx_row0, lse_row0, p_row0, stride_ph, TOPK, n_block
         s = hopper.warpgroup_mma(q_n.slice(HALF, HALF, dim=1), kn.index(x).slice(HALF, HALF, dim=1).permute((1, 0)),
                                  s, is_async=True)
         s = hopper.warpgroup_mma(q_r, kr.index(x).permute((1, 0)), s, is_async=True)
-        offs, in_row, slots = _tile_offsets(b, TOPK, stride_ph)
+        offs, in_row, slots = _tile_offsets(b, p_cols, stride_ph)
         idx = gl.load(IDX + idx_row0 + slots, mask=slots < TOPK, other=-1)
         hopper.warpgroup_mma_wait(2, deps=[s])
         mbarrier.arrive(free_l.index(x))
@@ -115,7 +116,7 @@ def _load_rows(X, row0, stride_h, col0):
 
 
 @gluon.jit
-def _wg_grads(O, DO, DS, o_row0, stride_oh, p_row0, stride_ph, TOPK, n_blocks, scale,
+def _wg_grads(O, DO, DS, o_row0, stride_oh, p_row0, stride_ph, p_cols, n_blocks, scale,
               kn, p_smem, ready_l, ready_r, free_l, free_r, p_ready, p_free):
     """WG1: dO in registers, delta = rowsum(dO * O); per key block dP = dO K_nope^T and
     dS = P * (dP - delta) * scale to global memory."""
@@ -134,7 +135,7 @@ def _wg_grads(O, DO, DS, o_row0, stride_oh, p_row0, stride_ph, TOPK, n_blocks, s
                                   use_acc=False, is_async=True)
         mbarrier.wait(ready_r.index(x), ph)
         dp = hopper.warpgroup_mma(do_r, kn.index(x).slice(HALF, HALF, dim=1).permute((1, 0)), dp, is_async=True)
-        offs, in_row, slots = _tile_offsets(b, TOPK, stride_ph)
+        offs, in_row, slots = _tile_offsets(b, p_cols, stride_ph)
         hopper.warpgroup_mma_wait(1, deps=[dp])
         mbarrier.arrive(free_l.index(x))
         dp = hopper.warpgroup_mma_wait(0, deps=[dp])
@@ -148,11 +149,12 @@ def _wg_grads(O, DO, DS, o_row0, stride_oh, p_row0, stride_ph, TOPK, n_blocks, s
 
 
 @gluon.jit
-def _sparse_mla_bwd_pds_ws_kernel(Q, KV, IDX, O, DO, LSE, P, DS, scale, scale_log2, H, TOPK, n_blocks, t0,
+def _sparse_mla_bwd_pds_ws_kernel(Q, KV, IDX, O, DO, LSE, P, DS, scale, scale_log2, H, TOPK, p_cols, n_blocks, t0,
                                   stride_qt, stride_qh, stride_kv, stride_it, stride_ot, stride_oh, stride_lt,
                                   stride_pt, stride_ph):
     """One program = one token t = t0 + r of the chunk x 64 heads (head block fastest in the 1-D grid);
-    P and DS are [chunk rows, H, TOPK] bf16, written at row r."""
+    P and DS are [chunk rows, H, p_cols] bf16, written at row r, slots < p_cols (p_cols >= TOPK: slots
+    past TOPK get zeros, so that a buffer padded to whole blocks needs no column mask to read)."""
     pid = gl.program_id(0).to(gl.int64)
     hblocks = H // BLOCK_H
     r = pid // hblocks
@@ -190,9 +192,9 @@ def _sparse_mla_bwd_pds_ws_kernel(Q, KV, IDX, O, DO, LSE, P, DS, scale, scale_lo
     gl.warp_specialize(
         [(_producer, (Q, KV, IDX, q_row0, stride_qh, stride_kv, idx_row0, TOPK, n_blocks,
                       q_n, q_r, kn, kr, ready_l, ready_r, free_l, free_r, q_bar)),
-         (_wg_scores, (IDX, LSE, P, idx_row0, lse_row0, p_row0, stride_ph, TOPK, n_blocks, scale_log2,
+         (_wg_scores, (IDX, LSE, P, idx_row0, lse_row0, p_row0, stride_ph, TOPK, p_cols, n_blocks, scale_log2,
                        q_n, q_r, kn, kr, p_smem, ready_l, ready_r, free_l, free_r, q_bar, p_ready, p_free)),
-         (_wg_grads, (O, DO, DS, o_row0, stride_oh, p_row0, stride_ph, TOPK, n_blocks, scale,
+         (_wg_grads, (O, DO, DS, o_row0, stride_oh, p_row0, stride_ph, p_cols, n_blocks, scale,
                       kn, p_smem, ready_l, ready_r, free_l, free_r, p_ready, p_free))],
         [4, 4], [232, 232])
 
@@ -203,16 +205,18 @@ def gluon_pds_supported(q: torch.Tensor, kv: torch.Tensor, d_v: int) -> bool:
 
 
 def sparse_mla_pds_gluon(q, kv, indices, out, dout, lse, scale: float, t0: int, p, ds) -> None:
-    """Pass 1 of the backward for tokens t0 .. t0 + p.shape[0] - 1: fills p and ds [n, H, k] (bf16).
+    """Pass 1 of the backward for tokens t0 .. t0 + p.shape[0] - 1: fills p and ds [n, H, kp] (bf16,
+    kp >= k; slots k .. kp - 1 get zeros).
     q [T, H, 576], kv [L, 576], out/dout [T, H, 512] (bf16, unit stride on the last axis),
     indices [T, k] int32, lse [T, H] fp32 (natural log, -inf for rows without keys)."""
-    n, H, topk = p.shape
+    n, H, p_cols = p.shape
+    topk = indices.shape[1]
     if n == 0:
         return
-    assert out.stride() == dout.stride() and p.stride() == ds.stride()
+    assert out.stride() == dout.stride() and p.stride() == ds.stride() and p_cols >= topk
     grid = (n * (H // BLOCK_H.value),)
     _sparse_mla_bwd_pds_ws_kernel[grid](
-        q, kv, indices, out, dout, lse, p, ds, scale, scale * 1.4426950408889634, H, topk,
+        q, kv, indices, out, dout, lse, p, ds, scale, scale * 1.4426950408889634, H, topk, p_cols,
         triton.cdiv(topk, BLOCK_K.value), t0,
         q.stride(0), q.stride(1), kv.stride(0), indices.stride(0), out.stride(0), out.stride(1), lse.stride(0),
         p.stride(0), p.stride(1), num_warps=4)

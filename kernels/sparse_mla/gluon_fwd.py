@@ -62,17 +62,14 @@ _sync_warps = getattr(gl, "thread_barrier", None) or gl.barrier
 
 
 @gluon.jit
-def _gather_rows(dst, SRC, row_off, row_ok, COLS: gl.constexpr, EVICT: gl.constexpr):
+def _gather_rows(dst, SRC, row_off, row_ok, COLS: gl.constexpr):
     """cp.async SRC[row_off[r] + c] -> dst[r, c] for c < COLS (rows not ok are zero-filled).
     row_off, row_ok: [64] in the producer's row layout (element offsets, int64)."""
     layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
     cols = gl.arange(0, COLS, layout=gl.SliceLayout(0, layout))
     ptrs = SRC + row_off[:, None] + cols[None, :]
     mask = row_ok[:, None] & (cols[None, :] < COLS)
-    if EVICT:
-        _cp_async(dst, ptrs, mask=mask, eviction_policy="evict_last")
-    else:
-        _cp_async(dst, ptrs, mask=mask)
+    _cp_async(dst, ptrs, mask=mask)
 
 
 @gluon.jit
@@ -87,7 +84,7 @@ def _block_rows(IDX, idx_row0, block, TOPK, stride_kv):
 
 @gluon.jit
 def _producer(Q, KV, IDX, q_row0, stride_qh, stride_kv, idx_row0, TOPK, n_pairs,
-              q_n, q_r, kn, kr, ready_l, ready_r, free_l, free_r, q_bar, EVICT: gl.constexpr):
+              q_n, q_r, kn, kr, ready_l, ready_r, free_l, free_r, q_bar):
     """4 warps: Q once, then for each pair j of key blocks (2j into buffer e = j % 2, 2j+1 into
     o = 1 - e) four half-buffer gathers, L = value columns 0-255, R = columns 256-511 and the rope
     columns, in the order their buffers free up in the pair before: L of o and R of e early (their
@@ -97,8 +94,8 @@ def _producer(Q, KV, IDX, q_row0, stride_qh, stride_kv, idx_row0, TOPK, n_pairs,
     r = gl.arange(0, BLOCK_K, layout=gl.SliceLayout(1, layout))
     q_off = q_row0 + r.to(gl.int64) * stride_qh
     all_ok = r >= 0
-    _gather_rows(q_n, Q, q_off, all_ok, D_V, False)
-    _gather_rows(q_r, Q + D_V, q_off, all_ok, D_ROPE, False)
+    _gather_rows(q_n, Q, q_off, all_ok, D_V)
+    _gather_rows(q_r, Q + D_V, q_off, all_ok, D_ROPE)
     async_copy.mbarrier_arrive(q_bar, increment_count=False)
     for j in range(n_pairs):
         e = j % 2
@@ -107,18 +104,18 @@ def _producer(Q, KV, IDX, q_row0, stride_qh, stride_kv, idx_row0, TOPK, n_pairs,
         off_e, ok_e = _block_rows(IDX, idx_row0, 2 * j, TOPK, stride_kv)
         off_o, ok_o = _block_rows(IDX, idx_row0, 2 * j + 1, TOPK, stride_kv)
         mbarrier.wait(free_l.index(o), ph)
-        _gather_rows(kn.index(o).slice(0, HALF, dim=1), KV, off_o, ok_o, HALF, EVICT)
+        _gather_rows(kn.index(o).slice(0, HALF, dim=1), KV, off_o, ok_o, HALF)
         async_copy.mbarrier_arrive(ready_l.index(o), increment_count=False)
         mbarrier.wait(free_r.index(e), ph)
-        _gather_rows(kn.index(e).slice(HALF, HALF, dim=1), KV + HALF, off_e, ok_e, HALF, EVICT)
-        _gather_rows(kr.index(e), KV + D_V, off_e, ok_e, D_ROPE, EVICT)
+        _gather_rows(kn.index(e).slice(HALF, HALF, dim=1), KV + HALF, off_e, ok_e, HALF)
+        _gather_rows(kr.index(e), KV + D_V, off_e, ok_e, D_ROPE)
         async_copy.mbarrier_arrive(ready_r.index(e), increment_count=False)
         mbarrier.wait(free_l.index(e), ph)
-        _gather_rows(kn.index(e).slice(0, HALF, dim=1), KV, off_e, ok_e, HALF, EVICT)
+        _gather_rows(kn.index(e).slice(0, HALF, dim=1), KV, off_e, ok_e, HALF)
         async_copy.mbarrier_arrive(ready_l.index(e), increment_count=False)
         mbarrier.wait(free_r.index(o), ph)
-        _gather_rows(kn.index(o).slice(HALF, HALF, dim=1), KV + HALF, off_o, ok_o, HALF, EVICT)
-        _gather_rows(kr.index(o), KV + D_V, off_o, ok_o, D_ROPE, EVICT)
+        _gather_rows(kn.index(o).slice(HALF, HALF, dim=1), KV + HALF, off_o, ok_o, HALF)
+        _gather_rows(kr.index(o), KV + D_V, off_o, ok_o, D_ROPE)
         async_copy.mbarrier_arrive(ready_r.index(o), increment_count=False)
 
 
@@ -274,8 +271,7 @@ def _wg1(IDX, OUT, LSE, idx_row0, out_row0, stride_oh, lse_row0, TOPK, n_pairs, 
 
 @gluon.jit
 def _sparse_mla_fwd_ws_kernel(Q, KV, IDX, OUT, LSE, scale_log2, H, TOPK, n_pairs,
-                              stride_qt, stride_qh, stride_kv, stride_it, stride_ot, stride_oh, stride_lt,
-                              EVICT: gl.constexpr):
+                              stride_qt, stride_qh, stride_kv, stride_it, stride_ot, stride_oh, stride_lt):
     """One program = one token x 64 heads (head block fastest in the 1-D grid, so a token's head
     blocks run together and its gathered rows stay in L2); n_pairs = pairs of 64-key blocks."""
     pid = gl.program_id(0).to(gl.int64)
@@ -323,7 +319,7 @@ def _sparse_mla_fwd_ws_kernel(Q, KV, IDX, OUT, LSE, scale_log2, H, TOPK, n_pairs
                  l_bar)
     gl.warp_specialize(
         [(_producer, (Q, KV, IDX, q_row0, stride_qh, stride_kv, idx_row0, TOPK, n_pairs,
-                      q_n, q_r, kn, kr, ready_l, ready_r, free_l, free_r, q_bar, EVICT)),
+                      q_n, q_r, kn, kr, ready_l, ready_r, free_l, free_r, q_bar)),
          (_wg0, math_args), (_wg1, math_args)],
         [4, 4], [232, 232])
 
@@ -336,11 +332,9 @@ def gluon_fwd_supported(q: torch.Tensor, kv: torch.Tensor, d_v: int) -> bool:
             and torch.cuda.get_device_capability(q.device)[0] == 9)
 
 
-def sparse_mla_fwd_gluon(q, kv, indices, scale: float, d_v: int = 512, evict: bool = False):
+def sparse_mla_fwd_gluon(q, kv, indices, scale: float, d_v: int = 512):
     """q [T, H, 576] bf16, kv [L, 576] bf16, indices [T, k] int32 (-1 = none) -> out [T, H, 512]
-    (q's dtype), lse [T, H] fp32 (natural log; -inf where a row has no key). evict: gather kv with
-    an L2 evict_last hint (H100, T 4096, k 2048: h128 4.71 against 4.98 ms at L 32k, but 5.31 against
-    5.15 at 128k and slower at h64; off by default)."""
+    (q's dtype), lse [T, H] fp32 (natural log; -inf where a row has no key)."""
     T, H, _ = q.shape
     topk = indices.shape[1]
     out = torch.empty((T, H, d_v), device=q.device, dtype=q.dtype)
@@ -354,5 +348,5 @@ def sparse_mla_fwd_gluon(q, kv, indices, scale: float, d_v: int = 512, evict: bo
     _sparse_mla_fwd_ws_kernel[grid](
         q, kv, indices, out, lse, scale * 1.4426950408889634, H, topk, n_pairs,
         q.stride(0), q.stride(1), kv.stride(0), indices.stride(0), out.stride(0), out.stride(1), lse.stride(0),
-        EVICT=evict, num_warps=4)
+        num_warps=4)
     return out, lse

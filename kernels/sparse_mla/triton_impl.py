@@ -321,6 +321,16 @@ def gluon_pds_for(q, kv, d_v: int):
     return gluon_bwd
 
 
+def gluon_dkv_for(q, kv, d_v: int):
+    """The Gluon module of the backward's dK/dV pass (gluon_bwd_dkv.py) if it takes these inputs,
+    else None: the Gluon forward's shapes at 64 or 128 heads."""
+    if gluon_forward_for(q, kv, d_v) is None:
+        return None
+    from . import gluon_bwd_dkv
+
+    return gluon_bwd_dkv if gluon_bwd_dkv.gluon_dkv_supported(q, kv, d_v) else None
+
+
 def sparse_mla_fwd_triton(q, kv, indices, scale: float, d_v: int, config=None):
     """q [T, H, D], kv [L, D], indices [T, k] int32 -> out [T, H, d_v] (q.dtype), lse [T, H] fp32.
 
@@ -417,6 +427,10 @@ def sparse_mla_bwd_triton(q, kv, indices, scale: float, d_v: int, out, lse, dout
     # Pass 1 (P, dS) in the warp-specialised Gluon kernel where it runs and dq has its own pass;
     # an explicit config keeps the Triton kernel (benchmark sweeps).
     gluon_pds = gluon_pds_for(q, kv, d_v) if config is None and dq_cfg is not None else None
+    # And pass 2 (dK/dV) in Gluon after it, where it takes the shapes, with the atomic adds; its
+    # P/dS rows are padded to whole 64-slot blocks (zeros written by the Gluon pass 1).
+    gluon_dkv = gluon_dkv_for(q, kv, d_v) if gluon_pds is not None and not deterministic else None
+    p_cols = triton.cdiv(topk, 64) * 64 if gluon_dkv is not None else topk
 
     def dkv_pass(t0: int, n: int, p: torch.Tensor, ds: torch.Tensor) -> None:
         target = torch.empty(n * topk, D, dtype=torch.float32, device=kv.device) if deterministic else dkv
@@ -435,7 +449,7 @@ def sparse_mla_bwd_triton(q, kv, indices, scale: float, d_v: int, out, lse, dout
 
     for t0 in range(0, T, chunk):
         n = min(T, t0 + chunk) - t0
-        p = torch.empty(n, H, topk, dtype=q.dtype, device=q.device)
+        p = torch.empty(n, H, p_cols, dtype=q.dtype, device=q.device)
         ds = torch.empty_like(p)
         if gluon_pds is not None:
             gluon_pds.sparse_mla_pds_gluon(q, kv, indices, out, dout, lse, scale, t0, p, ds)
@@ -454,5 +468,8 @@ def sparse_mla_bwd_triton(q, kv, indices, scale: float, d_v: int, out, lse, dout
                 ds.stride(0), ds.stride(1), D_V=d_v, D_ROPE=D - d_v, BLOCK_H=dq_bh, BLOCK_K=dq_bk,
                 num_warps=dq_warps, num_stages=dq_stages, **dot_opts,
             )
-        dkv_pass(t0, n, p, ds)
+        if gluon_dkv is not None:
+            gluon_dkv.sparse_mla_dkv_gluon(q, dout, indices, p, ds, t0, dkv)
+        else:
+            dkv_pass(t0, n, p, ds)
     return dq, dkv.to(kv.dtype)
