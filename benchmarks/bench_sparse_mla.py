@@ -17,7 +17,8 @@ random q and kv) instead of at random: popular keys, as in training. If FlashMLA
 (`flash_mla`, built beside the project), its sparse forward is timed on the same problem (h64/h128).
 Where the Gluon forward applies (h64/h128 on Hopper) both forwards are timed; the record keeps the
 faster (`kernel`), with the Triton kernel's time as `triton_kernel_ms`; likewise the backward with
-its first pass (P, dS) in Gluon (`gluon_bwd.py`) against the all-Triton backward.
+its passes in Gluon (`gluon_bwd*.py`) against the all-Triton backward. The deterministic backward
+record uses the same Gluon first pass and dq pass, and Triton's ordered dK/dV sum.
 """
 
 from __future__ import annotations
@@ -120,7 +121,7 @@ def bench_heads(H, T, L, k, scale, sweep, dev, gen, common, indices, gemm_peak):
         return min(timed, key=lambda t: t[0])
 
     def bwd(cfg, deterministic=None):
-        # "gluon": the default dispatch, whose first pass (P, dS) runs in the Gluon kernel.
+        # "gluon": the default dispatch, whose passes (P/dS, dq, dK/dV) run in the Gluon kernels.
         return sparse_mla_bwd_triton(q, kv, idx, scale, D_V, out, lse, dout, None if cfg == "gluon" else cfg,
                                      deterministic=deterministic)
 
@@ -181,11 +182,11 @@ def bench_heads(H, T, L, k, scale, sweep, dev, gen, common, indices, gemm_peak):
                 records[-1].update(triton_kernel_ms=tri_ms, gluon_vs_triton=tri_ms / timings["gluon"])
                 print(f"   Gluon forward H{H}: {timings['gluon']:.3f} ms against the Triton kernel's {tri_ms:.3f} ms "
                       f"({tri_ms / timings['gluon']:.2f}x)")
-        if op == "sparse_mla_bwd" and "gluon" in timings:  # Gluon first pass against the Triton one, same run
+        if op == "sparse_mla_bwd" and "gluon" in timings:  # Gluon passes against the Triton ones, same run
             tri_ms = timings[str(bwd_default)]
             records[-1].update(triton_kernel_ms=tri_ms, gluon_vs_triton=tri_ms / timings["gluon"])
             if not det:
-                print(f"   backward with the Gluon first pass H{H}: {timings['gluon']:.3f} ms against all-Triton "
+                print(f"   backward with the Gluon passes H{H}: {timings['gluon']:.3f} ms against all-Triton "
                       f"{tri_ms:.3f} ms ({tri_ms / timings['gluon']:.2f}x)")
         if op == "sparse_mla_fwd":
             if peer_ms is not None:

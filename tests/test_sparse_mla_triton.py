@@ -194,9 +194,9 @@ def test_gluon_backward_matches_reference(shape):
     """The Gluon first pass of the backward (P and dS, gluon_bwd.py) against fp32 PyTorch on the same
     bf16 inputs: ragged last block (k 200, 2085), one block (k 64), 25% invalid slots (P = dS = 0),
     a row with no key, 3 head blocks (H 192), a chunk that starts past token 0, rows padded to whole
-    64-slot blocks (zeros past k). Then the whole default backward (Gluon pass 1; Gluon dK/dV pass at
-    H 64/128, Triton's at H 192) and the deterministic one (Triton dK/dV from the Gluon pass 1's
-    unpadded P/dS) against the reference gradients."""
+    64-slot blocks (zeros past k). Then the whole default backward (Gluon pass 1 and dq pass; Gluon
+    dK/dV pass at H 64/128, Triton's at H 192) and the deterministic one (Triton dK/dV from the
+    Gluon pass 1's P/dS) against the reference gradients."""
     from kernels.sparse_mla.gluon_bwd import sparse_mla_pds_gluon
     from kernels.sparse_mla.reference import sparse_mla_fwd_reference
     from kernels.sparse_mla.triton_impl import gluon_pds_for, sparse_mla_bwd_triton

@@ -427,10 +427,11 @@ def sparse_mla_bwd_triton(q, kv, indices, scale: float, d_v: int, out, lse, dout
     # Pass 1 (P, dS) in the warp-specialised Gluon kernel where it runs and dq has its own pass;
     # an explicit config keeps the Triton kernel (benchmark sweeps).
     gluon_pds = gluon_pds_for(q, kv, d_v) if config is None and dq_cfg is not None else None
-    # And pass 2 (dK/dV) in Gluon after it, where it takes the shapes, with the atomic adds; its
-    # P/dS rows are padded to whole 64-slot blocks (zeros written by the Gluon pass 1).
+    # Then dq and, where it takes the shapes and the adds may be atomic, dK/dV in Gluon too; these
+    # read whole 64-slot tiles of P/dS, so with the Gluon pass 1 their rows are padded to a multiple
+    # of 64 slots (it writes zeros past k).
     gluon_dkv = gluon_dkv_for(q, kv, d_v) if gluon_pds is not None and not deterministic else None
-    p_cols = triton.cdiv(topk, 64) * 64 if gluon_dkv is not None else topk
+    p_cols = triton.cdiv(topk, 64) * 64 if gluon_pds is not None else topk
 
     def dkv_pass(t0: int, n: int, p: torch.Tensor, ds: torch.Tensor) -> None:
         target = torch.empty(n * topk, D, dtype=torch.float32, device=kv.device) if deterministic else dkv
@@ -461,7 +462,11 @@ def sparse_mla_bwd_triton(q, kv, indices, scale: float, d_v: int, out, lse, dout
                 D_V=d_v, D_ROPE=D - d_v, BLOCK_H=block_h, BLOCK_K=block_k, num_warps=warps, num_stages=stages,
                 WITH_DQ=dq_cfg is None, **dot_opts,
             )
-        if dq_cfg is not None:
+        if gluon_pds is not None:
+            from .gluon_bwd_dq import sparse_mla_dq_gluon
+
+            sparse_mla_dq_gluon(kv, indices, ds, t0, dq)
+        elif dq_cfg is not None:
             dq_bh, dq_bk, dq_warps, dq_stages = dq_cfg
             _sparse_mla_bwd_dq_from_ds_kernel[(triton.cdiv(H, dq_bh) * n,)](
                 kv, indices, ds, dq, H, topk, t0, q.stride(0), q.stride(1), kv.stride(0), indices.stride(0),
