@@ -190,12 +190,13 @@ def test_gluon_forward_matches_reference(shape):
 @pytest.mark.parametrize("shape", [(37, 1031, 64, 200), (33, 700, 64, 64), (129, 3000, 128, 2048 + 37),
                                    (17, 300, 192, 300)],
                          ids=lambda s: "T{}-L{}-H{}-k{}".format(*s))
-def test_gluon_backward_matches_reference(shape):
+def test_gluon_backward_matches_reference(shape, monkeypatch):
     """The Gluon first pass of the backward (P and dS, gluon_bwd.py) against fp32 PyTorch on the same
     bf16 inputs: ragged last block (k 200, 2085), one block (k 64), 25% invalid slots (P = dS = 0),
     a row with no key, 3 head blocks (H 192), a chunk that starts past token 0, rows padded to whole
     64-slot blocks (zeros past k). Then the whole default backward (Gluon pass 1 and dq pass; Gluon
-    dK/dV pass at H 64/128, Triton's at H 192) and the deterministic one (Triton dK/dV from the
+    dK/dV pass at H 64/128 into a slab-major dkv kept in L2, and into the row-major dkv it uses where
+    a slab does not fit L2; Triton's at H 192) and the deterministic one (Triton dK/dV from the
     Gluon pass 1's P/dS) against the reference gradients."""
     from kernels.sparse_mla.gluon_bwd import sparse_mla_pds_gluon
     from kernels.sparse_mla.reference import sparse_mla_fwd_reference
@@ -234,3 +235,32 @@ def test_gluon_backward_matches_reference(shape):
         dq, dkv = sparse_mla_bwd_triton(q, kv, idx, scale, 512, out, lse, dout, deterministic=deterministic)
         assert_close(f"dq (deterministic={deterministic})", ref[2], dq.float().cpu(), BOUND[torch.bfloat16])
         assert_close(f"dkv (deterministic={deterministic})", ref[3], dkv.float().cpu(), BOUND[torch.bfloat16])
+    if H in (64, 128):
+        import kernels.sparse_mla.gluon_bwd_dkv as gluon_dkv
+
+        assert gluon_dkv.slab_major_dkv(L, kv.device) is not None, "small L: the slab-major dkv is the default"
+        monkeypatch.setattr(gluon_dkv, "slab_major_dkv", lambda num_keys, device: None)
+        _, dkv = sparse_mla_bwd_triton(q, kv, idx, scale, 512, out, lse, dout)
+        assert_close("dkv (row-major)", ref[3], dkv.float().cpu(), BOUND[torch.bfloat16])
+
+
+@pytest.mark.skipif(not GPU, reason="needs a CUDA device")
+def test_persisting_l2_window_restores_the_device_limit():
+    """kernels.l2_persist.persisting_l2 sets the persisting-L2 set-aside only inside its block: the
+    device limit reads the same before and after (where the window is available at all)."""
+    import ctypes
+
+    from kernels.l2_persist import _cudart, persisting_l2
+
+    rt = _cudart()
+    if rt is None:
+        pytest.skip("libcudart not found in this process")
+    before, inside, after = ctypes.c_size_t(), ctypes.c_size_t(), ctypes.c_size_t()
+    rt.cudaDeviceGetLimit(ctypes.byref(before), 0x06)
+    with persisting_l2(torch.device("cuda")) as window:
+        rt.cudaDeviceGetLimit(ctypes.byref(inside), 0x06)
+        if window is not None:
+            window.cover(torch.zeros(1024, device="cuda"))
+            assert inside.value == window.limit > 0
+    rt.cudaDeviceGetLimit(ctypes.byref(after), 0x06)
+    assert after.value == before.value

@@ -170,7 +170,7 @@ def _sparse_mla_bwd_dkv_ws_kernel(Q, DO, IDX, P, DS, DKV, TOPK, n_blocks, t0,
         mbarrier.init(free.index(i), count=1)     # the warpgroup that used it
     mbarrier.init(qd_bar, count=128)
 
-    wg_args = (IDX, DKV, t * stride_it, stride_dkv, TOPK, n_blocks, c0, qs, dos, pds, ready, free, qd_bar)
+    wg_args = (IDX, DKV, t * stride_it, stride_dkv, TOPK, n_blocks, 0, qs, dos, pds, ready, free, qd_bar)
     gl.warp_specialize(
         [(_producer, (Q, DO, P, DS, t * stride_qt, t * stride_ot, stride_qh, stride_oh, r * stride_pt, stride_ph,
                       n_blocks, c0, qs, dos, pds, ready, free, qd_bar, HP)),
@@ -184,16 +184,40 @@ def gluon_dkv_supported(q: torch.Tensor, kv: torch.Tensor, d_v: int) -> bool:
             and d_v == D_V.value and q.shape[1] in (64, 128) and torch.cuda.get_device_capability(q.device)[0] == 9)
 
 
-def sparse_mla_dkv_gluon(q, dout, indices, p, ds, t0: int, dkv) -> None:
-    """dkv [L, 576] fp32 += the dK/dV of tokens t0 .. t0 + p.shape[0] - 1, from their P and dS [n, H, kp]
-    (bf16; kp = k rounded up to a multiple of 64, zeros past k, as the Gluon first pass writes them). q [T, H, 576], dout [T, H, 512] bf16 (unit stride on the last axis), indices [T, k] int32."""
+def slab_major_dkv(num_keys: int, device: torch.device):
+    """A zeroed slab-major dkv buffer [3, num_keys, 192] fp32 if one slab fits the device's persisting
+    L2 set-aside (kernels/l2_persist.py: H100 32.7 MB, so up to about 42k keys), else None: the
+    dK/dV pass then adds into a slab that `persisting_l2` can keep in L2. `dkv_from_slabs` turns it
+    into [num_keys, 576]."""
+    from kernels.l2_persist import max_persisting_bytes
+
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if num_keys * SLAB.value * 4 > max_persisting_bytes(index):
+        return None
+    return torch.zeros(D.value // SLAB.value, num_keys, SLAB.value, dtype=torch.float32, device=device)
+
+
+def dkv_from_slabs(slabs: torch.Tensor) -> torch.Tensor:
+    """[3, L, 192] slab-major -> [L, 576] (a copy)."""
+    return slabs.permute(1, 0, 2).reshape(slabs.shape[1], D.value)
+
+
+def sparse_mla_dkv_gluon(q, dout, indices, p, ds, t0: int, dkv, window=None) -> None:
+    """dkv += the dK/dV of tokens t0 .. t0 + p.shape[0] - 1, from their P and dS [n, H, kp] (bf16;
+    kp = k rounded up to a multiple of 64, zeros past k, as the Gluon first pass writes them).
+    dkv: [L, 576] fp32, or slab-major [3, L, 192] (`slab_major_dkv`), whose slab each launch adds into
+    is kept in L2 by `window` (from kernels.l2_persist.persisting_l2) when given.
+    q [T, H, 576], dout [T, H, 512] bf16 (unit stride on the last axis), indices [T, k] int32."""
     n, H, p_cols = p.shape
     topk = indices.shape[1]
     if n == 0:
         return
     assert p.stride() == ds.stride() and dkv.dtype == torch.float32 and p_cols % BLOCK_K.value == 0 and p_cols >= topk
-    for slab in range(3):  # one launch per 192-column slab of dkv (all tokens, then the next slab)
+    for slab in range(D.value // SLAB.value):  # one launch per 192-column slab of dkv (all tokens, then the next)
+        target = dkv[:, SLAB.value * slab:] if dkv.dim() == 2 else dkv[slab]
+        if window is not None:
+            window.cover(target)
         _sparse_mla_bwd_dkv_ws_kernel[(n,)](
-            q, dout, indices, p, ds, dkv, topk, (topk + BLOCK_K.value - 1) // BLOCK_K.value, t0,
+            q, dout, indices, p, ds, target, topk, (topk + BLOCK_K.value - 1) // BLOCK_K.value, t0,
             q.stride(0), q.stride(1), indices.stride(0), dout.stride(0), dout.stride(1), p.stride(0), p.stride(1),
-            dkv.stride(0), HP=H, SLAB_I=slab, num_warps=4)
+            target.stride(0), HP=H, SLAB_I=slab, num_warps=4)

@@ -20,6 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.l2_persist import persisting_l2
 from kernels.triton_utils import LOG2E, dot as _dot, interpreting as _interpreting
 
 
@@ -410,7 +411,6 @@ def sparse_mla_bwd_triton(q, kv, indices, scale: float, d_v: int, out, lse, dout
     T, H, D = q.shape
     topk = indices.shape[1]
     dq = torch.empty_like(q)
-    dkv = torch.zeros(kv.shape, dtype=torch.float32, device=kv.device)
     cfg = config or default_config(H, True, q.element_size())
     (block_h, block_k, warps, stages), dkv_cfg = cfg[:2]
     dq_cfg = cfg[2] if len(cfg) > 2 else None  # a separate dq pass, or dq inside pass 1
@@ -432,6 +432,9 @@ def sparse_mla_bwd_triton(q, kv, indices, scale: float, d_v: int, out, lse, dout
     # of 64 slots (it writes zeros past k).
     gluon_dkv = gluon_dkv_for(q, kv, d_v) if gluon_pds is not None and not deterministic else None
     p_cols = triton.cdiv(topk, 64) * 64 if gluon_pds is not None else topk
+    # The Gluon dK/dV pass adds into a slab-major dkv kept in L2 where a slab fits (gluon_bwd_dkv).
+    dkv_slabs = gluon_dkv.slab_major_dkv(kv.shape[0], kv.device) if gluon_dkv is not None else None
+    dkv = torch.zeros(kv.shape, dtype=torch.float32, device=kv.device) if dkv_slabs is None else None
 
     def dkv_pass(t0: int, n: int, p: torch.Tensor, ds: torch.Tensor) -> None:
         target = torch.empty(n * topk, D, dtype=torch.float32, device=kv.device) if deterministic else dkv
@@ -473,8 +476,13 @@ def sparse_mla_bwd_triton(q, kv, indices, scale: float, d_v: int, out, lse, dout
                 ds.stride(0), ds.stride(1), D_V=d_v, D_ROPE=D - d_v, BLOCK_H=dq_bh, BLOCK_K=dq_bk,
                 num_warps=dq_warps, num_stages=dq_stages, **dot_opts,
             )
-        if gluon_dkv is not None:
+        if dkv_slabs is not None:
+            with persisting_l2(kv.device) as window:
+                gluon_dkv.sparse_mla_dkv_gluon(q, dout, indices, p, ds, t0, dkv_slabs, window)
+        elif gluon_dkv is not None:
             gluon_dkv.sparse_mla_dkv_gluon(q, dout, indices, p, ds, t0, dkv)
         else:
             dkv_pass(t0, n, p, ds)
+    if dkv_slabs is not None:
+        dkv = gluon_dkv.dkv_from_slabs(dkv_slabs)
     return dq, dkv.to(kv.dtype)
