@@ -195,8 +195,8 @@ def test_gluon_backward_matches_reference(shape, monkeypatch):
     bf16 inputs: ragged last block (k 200, 2085), one block (k 64), 25% invalid slots (P = dS = 0),
     a row with no key, 3 head blocks (H 192), a chunk that starts past token 0, rows padded to whole
     64-slot blocks (zeros past k). Then the whole default backward (Gluon pass 1 and dq pass; Gluon
-    dK/dV pass at H 64/128 into a slab-major dkv kept in L2, and into the row-major dkv it uses where
-    a slab does not fit L2; Triton's at H 192) and the deterministic one (Triton dK/dV from the
+    dK/dV pass at H 64/128 into a slab-major dkv kept in L2, in one key range or several (slots
+    sorted by key), and into the row-major dkv it uses without a persisting L2; Triton's at H 192) and the deterministic one (Triton dK/dV from the
     Gluon pass 1's P/dS) against the reference gradients."""
     from kernels.sparse_mla.gluon_bwd import sparse_mla_pds_gluon
     from kernels.sparse_mla.reference import sparse_mla_fwd_reference
@@ -238,8 +238,15 @@ def test_gluon_backward_matches_reference(shape, monkeypatch):
     if H in (64, 128):
         import kernels.sparse_mla.gluon_bwd_dkv as gluon_dkv
 
-        assert gluon_dkv.slab_major_dkv(L, kv.device) is not None, "small L: the slab-major dkv is the default"
-        monkeypatch.setattr(gluon_dkv, "slab_major_dkv", lambda num_keys, device: None)
+        slabs, range_keys = gluon_dkv.dkv_plan(L, kv.device)
+        assert slabs is not None and range_keys == L, "small L: one key range of a slab-major dkv"
+        # Several key ranges (slots sorted by key, one launch per range), as at L 64k / 128k.
+        monkeypatch.setattr(gluon_dkv, "dkv_plan", lambda num_keys, device: (slabs.zero_(), 257))
+        dq, dkv = sparse_mla_bwd_triton(q, kv, idx, scale, 512, out, lse, dout)
+        assert_close("dq (key ranges)", ref[2], dq.float().cpu(), BOUND[torch.bfloat16])
+        assert_close("dkv (key ranges)", ref[3], dkv.float().cpu(), BOUND[torch.bfloat16])
+        # No persisting L2: row-major dkv, one range.
+        monkeypatch.setattr(gluon_dkv, "dkv_plan", lambda num_keys, device: (None, num_keys))
         _, dkv = sparse_mla_bwd_triton(q, kv, idx, scale, 512, out, lse, dout)
         assert_close("dkv (row-major)", ref[3], dkv.float().cpu(), BOUND[torch.bfloat16])
 

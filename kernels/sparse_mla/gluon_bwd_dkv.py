@@ -65,23 +65,34 @@ def _load_rows(dst, SRC, row0, stride_r, col0, COL_LIM: gl.constexpr, COLS: gl.c
 
 
 @gluon.jit
-def _producer(Q, DO, P, DS, q_row0, do_row0, stride_qh, stride_oh, p_row0, stride_ph, n_blocks,
+def _producer(Q, DO, P, DS, q_row0, do_row0, stride_qh, stride_oh, p_row0, stride_ph, BOUNDS, bound0,
               c0, qs, dos, pds, ready, free, qd_bar, HP: gl.constexpr):
-    """q and dO slabs once (dO zero past column 511), then key block b's P and dS tiles into rows
-    0..HP-1 and HP..2HP-1 of buffer b % NBUF, once the warpgroup that used it NBUF blocks earlier has
-    freed it. The P/dS rows are padded to whole 64-slot blocks, zeros past TOPK (written by the Gluon
-    first pass), so the tiles need no column mask."""
+    """q and dO slabs once (dO zero past column 511), then the P and dS tiles of the i-th key block
+    of the program's slot range into rows 0..HP-1 and HP..2HP-1 of buffer i % NBUF, once the
+    warpgroup that used it NBUF blocks earlier has freed it. The P/dS rows are padded to whole
+    64-slot blocks, zeros past TOPK (written by the Gluon first pass), so the tiles need no column
+    mask."""
+    b0, n_blocks = _slot_blocks(BOUNDS, bound0)
     for i in gl.static_range(3):
         _load_rows(qs.index(i), Q, q_row0, stride_qh, c0 + i * CHUNK, D, CHUNK, HP)
         _load_rows(dos.index(i), DO, do_row0, stride_oh, c0 + i * CHUNK, D_V, CHUNK, HP)
     async_copy.mbarrier_arrive(qd_bar, increment_count=False)
-    for b in range(n_blocks):
-        x = b % NBUF
-        mbarrier.wait(free.index(x), ((b // NBUF) & 1) ^ 1)  # fresh barriers pass at parity 1
+    for i in range(n_blocks):
+        x = i % NBUF
+        mbarrier.wait(free.index(x), ((i // NBUF) & 1) ^ 1)  # fresh barriers pass at parity 1
         buf = pds.index(x)
-        _load_rows(buf.slice(0, HP, dim=0), P, p_row0, stride_ph, b * BLOCK_K, 0, BLOCK_K, HP)
-        _load_rows(buf.slice(HP, HP, dim=0), DS, p_row0, stride_ph, b * BLOCK_K, 0, BLOCK_K, HP)
+        _load_rows(buf.slice(0, HP, dim=0), P, p_row0, stride_ph, (b0 + i) * BLOCK_K, 0, BLOCK_K, HP)
+        _load_rows(buf.slice(HP, HP, dim=0), DS, p_row0, stride_ph, (b0 + i) * BLOCK_K, 0, BLOCK_K, HP)
         async_copy.mbarrier_arrive(ready.index(x), increment_count=False)
+
+
+@gluon.jit
+def _slot_blocks(BOUNDS, bound0):
+    """(first 64-slot block, number of blocks) that cover the slots BOUNDS[bound0] .. BOUNDS[bound0 + 1] - 1."""
+    lo = gl.load(BOUNDS + bound0)
+    hi = gl.load(BOUNDS + bound0 + 1)
+    b0 = lo // BLOCK_K
+    return b0, gl.where(hi > lo, (hi + BLOCK_K - 1) // BLOCK_K - b0, 0)
 
 
 @gluon.jit
@@ -107,16 +118,20 @@ def _add_chunk(DKV, key_off, ok, acc, col0, stage):
 
 
 @gluon.jit
-def _wg(W: gl.constexpr, IDX, DKV, idx_row0, stride_dkv, TOPK, n_blocks, c0,
+def _wg(W: gl.constexpr, IDX, DKV, idx_row0, stride_dkv, BOUNDS, bound0, c0,
         qs, dos, pds, ready, free, qd_bar):
-    """Key blocks W, W + 2, ...: the block's dK/dV slab by wgmma (three 64-column chunks), then the
-    atomic adds, staged through the block's own P/dS buffer (its MMAs are done with it), then the
-    buffer freed for the producer."""
+    """Key blocks W, W + 2, ... of the program's slot range: the block's dK/dV slab by wgmma (three
+    64-column chunks), then the atomic adds of the slots within the range, staged through the
+    block's own P/dS buffer (its MMAs are done with it), then the buffer freed for the producer."""
     HP: gl.constexpr = qs.shape[1]
+    lo = gl.load(BOUNDS + bound0)
+    hi = gl.load(BOUNDS + bound0 + 1)
+    b0, n_blocks = _slot_blocks(BOUNDS, bound0)
     mbarrier.wait(qd_bar, 0)
-    for b in range(W, n_blocks, 2):
-        x = b % NBUF
-        mbarrier.wait(ready.index(x), (b // NBUF) & 1)
+    for i in range(W, n_blocks, 2):
+        b = b0 + i
+        x = i % NBUF
+        mbarrier.wait(ready.index(x), (i // NBUF) & 1)
         buf = pds.index(x)
         p_t = buf.slice(0, HP, dim=0).permute((1, 0))  # [64 keys, H]
         ds_t = buf.slice(HP, HP, dim=0).permute((1, 0))
@@ -124,7 +139,7 @@ def _wg(W: gl.constexpr, IDX, DKV, idx_row0, stride_dkv, TOPK, n_blocks, c0,
         a1 = _chunk(ds_t, p_t, qs, dos, 1)
         a2 = _chunk(ds_t, p_t, qs, dos, 2)
         slots = b * BLOCK_K + gl.arange(0, BLOCK_K, layout=gl.SliceLayout(1, ADD))
-        idx = gl.load(IDX + idx_row0 + slots, mask=slots < TOPK, other=-1)
+        idx = gl.load(IDX + idx_row0 + slots, mask=(slots >= lo) & (slots < hi), other=-1)
         ok = idx >= 0
         key_off = gl.where(ok, idx, 0).to(gl.int64) * stride_dkv
         a0, a1, a2 = hopper.warpgroup_mma_wait(0, deps=[a0, a1, a2])
@@ -138,21 +153,22 @@ def _wg(W: gl.constexpr, IDX, DKV, idx_row0, stride_dkv, TOPK, n_blocks, c0,
 
 
 @gluon.jit
-def _wg0(IDX, DKV, idx_row0, stride_dkv, TOPK, n_blocks, c0, qs, dos, pds, ready, free, qd_bar):
-    _wg(0, IDX, DKV, idx_row0, stride_dkv, TOPK, n_blocks, c0, qs, dos, pds, ready, free, qd_bar)
+def _wg0(IDX, DKV, idx_row0, stride_dkv, BOUNDS, bound0, c0, qs, dos, pds, ready, free, qd_bar):
+    _wg(0, IDX, DKV, idx_row0, stride_dkv, BOUNDS, bound0, c0, qs, dos, pds, ready, free, qd_bar)
 
 
 @gluon.jit
-def _wg1(IDX, DKV, idx_row0, stride_dkv, TOPK, n_blocks, c0, qs, dos, pds, ready, free, qd_bar):
-    _wg(1, IDX, DKV, idx_row0, stride_dkv, TOPK, n_blocks, c0, qs, dos, pds, ready, free, qd_bar)
+def _wg1(IDX, DKV, idx_row0, stride_dkv, BOUNDS, bound0, c0, qs, dos, pds, ready, free, qd_bar):
+    _wg(1, IDX, DKV, idx_row0, stride_dkv, BOUNDS, bound0, c0, qs, dos, pds, ready, free, qd_bar)
 
 
 @gluon.jit
-def _sparse_mla_bwd_dkv_ws_kernel(Q, DO, IDX, P, DS, DKV, TOPK, n_blocks, t0,
+def _sparse_mla_bwd_dkv_ws_kernel(Q, DO, IDX, P, DS, DKV, BOUNDS, rng, t0,
                                   stride_qt, stride_qh, stride_it, stride_ot, stride_oh, stride_pt, stride_ph,
-                                  stride_dkv, HP: gl.constexpr, SLAB_I: gl.constexpr):
+                                  stride_dkv, stride_bt, HP: gl.constexpr, SLAB_I: gl.constexpr):
     """One program = token t = t0 + r of the chunk (r = program id), all HP heads, columns
-    [c0, c0 + 192) with c0 = 192 * SLAB_I. P and DS are [chunk rows, HP, 64 * n_blocks] bf16 (row r)."""
+    [c0, c0 + 192) with c0 = 192 * SLAB_I, the token's slots BOUNDS[t, rng] .. BOUNDS[t, rng + 1] - 1
+    (those whose keys lie in key range rng). P and DS are [chunk rows, HP, k padded to 64] bf16 (row r)."""
     r = gl.program_id(0).to(gl.int64)
     t = t0 + r
     c0 = SLAB_I * SLAB
@@ -170,10 +186,11 @@ def _sparse_mla_bwd_dkv_ws_kernel(Q, DO, IDX, P, DS, DKV, TOPK, n_blocks, t0,
         mbarrier.init(free.index(i), count=1)     # the warpgroup that used it
     mbarrier.init(qd_bar, count=128)
 
-    wg_args = (IDX, DKV, t * stride_it, stride_dkv, TOPK, n_blocks, 0, qs, dos, pds, ready, free, qd_bar)
+    bound0 = t * stride_bt + rng
+    wg_args = (IDX, DKV, t * stride_it, stride_dkv, BOUNDS, bound0, 0, qs, dos, pds, ready, free, qd_bar)
     gl.warp_specialize(
         [(_producer, (Q, DO, P, DS, t * stride_qt, t * stride_ot, stride_qh, stride_oh, r * stride_pt, stride_ph,
-                      n_blocks, c0, qs, dos, pds, ready, free, qd_bar, HP)),
+                      BOUNDS, bound0, c0, qs, dos, pds, ready, free, qd_bar, HP)),
          (_wg0, wg_args), (_wg1, wg_args)],
         [4, 4], [232, 232])
 
@@ -184,17 +201,33 @@ def gluon_dkv_supported(q: torch.Tensor, kv: torch.Tensor, d_v: int) -> bool:
             and d_v == D_V.value and q.shape[1] in (64, 128) and torch.cuda.get_device_capability(q.device)[0] == 9)
 
 
-def slab_major_dkv(num_keys: int, device: torch.device):
-    """A zeroed slab-major dkv buffer [3, num_keys, 192] fp32 if one slab fits the device's persisting
-    L2 set-aside (kernels/l2_persist.py: H100 32.7 MB, so up to about 42k keys), else None: the
-    dK/dV pass then adds into a slab that `persisting_l2` can keep in L2. `dkv_from_slabs` turns it
-    into [num_keys, 576]."""
+def dkv_plan(num_keys: int, device: torch.device):
+    """How the dK/dV pass adds into dkv: (slab-major buffer [3, num_keys, 192] fp32 zeroed, keys per
+    range) where the device has a persisting L2 set-aside (kernels/l2_persist.py), so that each
+    launch adds into one key range of one slab that fits it (H100 32.7 MB: 42,666 keys a range;
+    L 32k is one range, 64k two, 128k four); else (None, num_keys): row-major dkv, one range, no
+    window."""
     from kernels.l2_persist import max_persisting_bytes
 
     index = device.index if device.index is not None else torch.cuda.current_device()
-    if num_keys * SLAB.value * 4 > max_persisting_bytes(index):
-        return None
-    return torch.zeros(D.value // SLAB.value, num_keys, SLAB.value, dtype=torch.float32, device=device)
+    range_keys = max_persisting_bytes(index) // (SLAB.value * 4)
+    if range_keys < BLOCK_K.value:
+        return None, num_keys
+    slabs = torch.zeros(D.value // SLAB.value, num_keys, SLAB.value, dtype=torch.float32, device=device)
+    return slabs, min(num_keys, range_keys)
+
+
+def slot_bounds(indices: torch.Tensor, num_keys: int, range_keys: int) -> torch.Tensor:
+    """[T, R + 1] int32: token t's slots whose keys lie in range r (keys r * range_keys ..) are
+    bounds[t, r] .. bounds[t, r + 1] - 1. With several ranges `indices` must be sorted within each
+    row (-1 first); with one range the bounds are all the slots, any order."""
+    T, k = indices.shape
+    n_ranges = -(-num_keys // range_keys)
+    if n_ranges == 1:
+        return torch.tensor([[0, k]], dtype=torch.int32, device=indices.device).expand(T, 2)
+    starts = torch.arange(n_ranges + 1, device=indices.device, dtype=indices.dtype) * range_keys
+    starts[-1] = num_keys
+    return torch.searchsorted(indices, starts.expand(T, -1).contiguous()).to(torch.int32)
 
 
 def dkv_from_slabs(slabs: torch.Tensor) -> torch.Tensor:
@@ -202,22 +235,28 @@ def dkv_from_slabs(slabs: torch.Tensor) -> torch.Tensor:
     return slabs.permute(1, 0, 2).reshape(slabs.shape[1], D.value)
 
 
-def sparse_mla_dkv_gluon(q, dout, indices, p, ds, t0: int, dkv, window=None) -> None:
+def sparse_mla_dkv_gluon(q, dout, indices, p, ds, t0: int, dkv, bounds=None, range_keys=None, window=None) -> None:
     """dkv += the dK/dV of tokens t0 .. t0 + p.shape[0] - 1, from their P and dS [n, H, kp] (bf16;
     kp = k rounded up to a multiple of 64, zeros past k, as the Gluon first pass writes them).
-    dkv: [L, 576] fp32, or slab-major [3, L, 192] (`slab_major_dkv`), whose slab each launch adds into
-    is kept in L2 by `window` (from kernels.l2_persist.persisting_l2) when given.
+    dkv: [L, 576] fp32 (one range), or slab-major [3, L, 192] (`dkv_plan`) added into one slab and
+    key range (`slot_bounds`, range_keys keys each) per launch, the range kept in L2 by `window`
+    (kernels.l2_persist.persisting_l2) when given.
     q [T, H, 576], dout [T, H, 512] bf16 (unit stride on the last axis), indices [T, k] int32."""
     n, H, p_cols = p.shape
     topk = indices.shape[1]
     if n == 0:
         return
     assert p.stride() == ds.stride() and dkv.dtype == torch.float32 and p_cols % BLOCK_K.value == 0 and p_cols >= topk
-    for slab in range(D.value // SLAB.value):  # one launch per 192-column slab of dkv (all tokens, then the next)
-        target = dkv[:, SLAB.value * slab:] if dkv.dim() == 2 else dkv[slab]
-        if window is not None:
-            window.cover(target)
-        _sparse_mla_bwd_dkv_ws_kernel[(n,)](
-            q, dout, indices, p, ds, target, topk, (topk + BLOCK_K.value - 1) // BLOCK_K.value, t0,
-            q.stride(0), q.stride(1), indices.stride(0), dout.stride(0), dout.stride(1), p.stride(0), p.stride(1),
-            target.stride(0), HP=H, SLAB_I=slab, num_warps=4)
+    num_keys = dkv.shape[-2]
+    range_keys = range_keys or num_keys
+    if bounds is None:
+        bounds = slot_bounds(indices, num_keys, range_keys)
+    for slab in range(D.value // SLAB.value):  # all tokens for one slab (and key range), then the next
+        for rng in range(bounds.shape[1] - 1):
+            target = dkv[:, SLAB.value * slab:] if dkv.dim() == 2 else dkv[slab]
+            if window is not None:
+                window.cover(target[rng * range_keys:(rng + 1) * range_keys])
+            _sparse_mla_bwd_dkv_ws_kernel[(n,)](
+                q, dout, indices, p, ds, target, bounds, rng, t0,
+                q.stride(0), q.stride(1), indices.stride(0), dout.stride(0), dout.stride(1), p.stride(0),
+                p.stride(1), target.stride(0), bounds.stride(0), HP=H, SLAB_I=slab, num_warps=4)

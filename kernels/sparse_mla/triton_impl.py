@@ -432,9 +432,16 @@ def sparse_mla_bwd_triton(q, kv, indices, scale: float, d_v: int, out, lse, dout
     # of 64 slots (it writes zeros past k).
     gluon_dkv = gluon_dkv_for(q, kv, d_v) if gluon_pds is not None and not deterministic else None
     p_cols = triton.cdiv(topk, 64) * 64 if gluon_pds is not None else topk
-    # The Gluon dK/dV pass adds into a slab-major dkv kept in L2 where a slab fits (gluon_bwd_dkv).
-    dkv_slabs = gluon_dkv.slab_major_dkv(kv.shape[0], kv.device) if gluon_dkv is not None else None
+    # The Gluon dK/dV pass adds into a slab-major dkv, one slab and key range at a time kept in L2,
+    # where the device has a persisting L2 set-aside (gluon_bwd_dkv.dkv_plan). With several key
+    # ranges each row's slots are put in key order first (the gradients do not depend on the order):
+    # a range is then a run of slots.
+    dkv_slabs, range_keys = gluon_dkv.dkv_plan(kv.shape[0], kv.device) if gluon_dkv is not None else (None, None)
     dkv = torch.zeros(kv.shape, dtype=torch.float32, device=kv.device) if dkv_slabs is None else None
+    if dkv_slabs is not None:
+        if range_keys < kv.shape[0]:
+            indices = torch.sort(indices, dim=1).values
+        bounds = gluon_dkv.slot_bounds(indices, kv.shape[0], range_keys)
 
     def dkv_pass(t0: int, n: int, p: torch.Tensor, ds: torch.Tensor) -> None:
         target = torch.empty(n * topk, D, dtype=torch.float32, device=kv.device) if deterministic else dkv
@@ -478,7 +485,7 @@ def sparse_mla_bwd_triton(q, kv, indices, scale: float, d_v: int, out, lse, dout
             )
         if dkv_slabs is not None:
             with persisting_l2(kv.device) as window:
-                gluon_dkv.sparse_mla_dkv_gluon(q, dout, indices, p, ds, t0, dkv_slabs, window)
+                gluon_dkv.sparse_mla_dkv_gluon(q, dout, indices, p, ds, t0, dkv_slabs, bounds, range_keys, window)
         elif gluon_dkv is not None:
             gluon_dkv.sparse_mla_dkv_gluon(q, dout, indices, p, ds, t0, dkv)
         else:
