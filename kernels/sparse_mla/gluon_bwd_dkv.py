@@ -1,23 +1,28 @@
 """The sparse MLA backward's dK/dV pass for Hopper in Gluon, 64 or 128 heads.
 
-After the first pass has stored P and dS ([rows, H, k padded to 64] bf16), every (token, selected key) pair
-adds dkv[key, :] += dS[:, slot]^T q[token] + P[:, slot]^T dO[token] (the second term on the value
-columns only): per token and 64-key block a GEMM over the heads, [64 keys, H] x [H, columns],
-then fp32 atomic adds into the selected dkv rows. The Triton kernel (`_sparse_mla_bwd_dkv_kernel`)
-runs one program per (token, key block), re-reads the token's q and dO for each, and never
-overlaps its MMAs with its atomics. Here one program handles one token and one slab of 288
-columns (one launch per slab, so that all programs add into the same half of dkv at a time and
-it can stay in L2), with three warpgroups:
+After the first pass has stored P and dS ([rows, H, k padded to 64] bf16), every (token, selected
+key) pair adds dkv[key, :] += dS[:, slot]^T q[token] + P[:, slot]^T dO[token] (the second term on
+the value columns only): per token and 64-key block a GEMM over the heads, [64 keys, H] x
+[H, columns], then fp32 atomic adds into the selected dkv rows. The Triton kernel
+(`_sparse_mla_bwd_dkv_kernel`) runs one program per (token, key block), re-reads the token's q and
+dO for each, and never overlaps its MMAs with its atomics. Here one program handles one token, one
+slab of 192 columns and one run of the token's slots, with three warpgroups:
 
-- the producer (4 warps, few registers) loads the token's q and dO slabs once ([H, 288] each),
-  then the P and dS tiles ([H, 64 slots] each) of key block b into buffer b % 2;
-- WG0 takes the even key blocks, WG1 the odd ones: dKV[64 keys, 288] = dS^T q + P^T dO by wgmma
-  (A = the P / dS tile read transposed from shared memory, K = heads), then relaxed fp32 atomic adds
-  of the rows of valid keys. While one warpgroup's atomics drain, the other's MMAs run.
+- the producer (4 warps, few registers) loads the token's q and dO slabs once ([H, 192] each, in
+  three [H, 64] chunks; dO zero past column 511), then the P and dS tiles ([H, 64 slots] each) of
+  the run's key blocks into four buffers;
+- WG0 takes the even blocks of the run, WG1 the odd ones: dKV[64 keys, 192] = dS^T q + P^T dO by
+  wgmma (A = the P / dS tile read transposed from shared memory, K = heads; three 64-column
+  accumulators), then relaxed fp32 atomic adds of the slots within the run whose index is valid,
+  each chunk staged through the block's freed buffer so that a warp adds whole 256-byte row pieces.
+  While one warpgroup's adds drain, the other's MMAs run.
 
-The 288 columns are one accumulator of 256 and one of 32 (wgmma N is at most 256): slab 0 is
-columns 0-287, slab 1 columns 288-575 (dO zero-filled past column 511, and no dO MMA for the last 32).
-Shared memory at H 128: q and dO slabs 144 KiB + P/dS buffers 64 KiB + barriers.
+One launch per slab and key range (`sparse_mla_dkv_gluon`), so that all programs add into the same
+rows and columns of dkv at a time: with a persisting L2 set-aside (`dkv_plan`) dkv is slab-major
+[3, L, 192] and the range (at most the set-aside: 42,666 keys on an H100) is kept in L2 while the
+P/dS stream passes by; a range is a run of slots once each row's slots are sorted by key
+(`slot_bounds`). Without one, dkv is [L, 576] and the run is all of the token's slots.
+Shared memory at H 128: q and dO slabs 96 KiB + four P/dS buffers of 32 KiB + barriers.
 Not run by TRITON_INTERPRET (Gluon has no interpreter); tested on the GPU against PyTorch.
 """
 
@@ -42,6 +47,18 @@ ACC = gl.constexpr(gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1
 ADD = gl.constexpr(gl.BlockedLayout([8, 4], [2, 16], [4, 1], [1, 0]))
 NBUF = gl.constexpr(4)      # P/dS buffers (blocks in flight: two computing, two loading)
 STAGE = gl.constexpr(gl.SwizzledSharedLayout(4, 1, 8, order=[1, 0]))
+
+
+# A shared buffer's bytes under another type and shape: `_reinterpret` up to triton 3.6 (the
+# device's), `reinterpret` later (3.9 has no `_reinterpret`).
+if hasattr(gl.shared_memory_descriptor, "reinterpret"):
+    @gluon.jit
+    def _reinterpret(buf, dtype: gl.constexpr, shape: gl.constexpr, layout: gl.constexpr):
+        return buf.reinterpret(dtype, shape, layout)
+else:
+    @gluon.jit
+    def _reinterpret(buf, dtype: gl.constexpr, shape: gl.constexpr, layout: gl.constexpr):
+        return buf._reinterpret(dtype, shape, layout)
 
 
 @gluon.jit
@@ -72,7 +89,7 @@ def _producer(Q, DO, P, DS, q_row0, do_row0, stride_qh, stride_oh, p_row0, strid
     warpgroup that used it NBUF blocks earlier has freed it. The P/dS rows are padded to whole
     64-slot blocks, zeros past TOPK (written by the Gluon first pass), so the tiles need no column
     mask."""
-    b0, n_blocks = _slot_blocks(BOUNDS, bound0)
+    _, _, b0, n_blocks = _slot_blocks(BOUNDS, bound0)
     for i in gl.static_range(3):
         _load_rows(qs.index(i), Q, q_row0, stride_qh, c0 + i * CHUNK, D, CHUNK, HP)
         _load_rows(dos.index(i), DO, do_row0, stride_oh, c0 + i * CHUNK, D_V, CHUNK, HP)
@@ -88,11 +105,12 @@ def _producer(Q, DO, P, DS, q_row0, do_row0, stride_qh, stride_oh, p_row0, strid
 
 @gluon.jit
 def _slot_blocks(BOUNDS, bound0):
-    """(first 64-slot block, number of blocks) that cover the slots BOUNDS[bound0] .. BOUNDS[bound0 + 1] - 1."""
+    """The program's run of slots lo .. hi - 1 (BOUNDS[bound0], BOUNDS[bound0 + 1]), the first 64-slot
+    block that covers it and the number of blocks: (lo, hi, b0, n_blocks)."""
     lo = gl.load(BOUNDS + bound0)
     hi = gl.load(BOUNDS + bound0 + 1)
     b0 = lo // BLOCK_K
-    return b0, gl.where(hi > lo, (hi + BLOCK_K - 1) // BLOCK_K - b0, 0)
+    return lo, hi, b0, gl.where(hi > lo, (hi + BLOCK_K - 1) // BLOCK_K - b0, 0)
 
 
 @gluon.jit
@@ -118,15 +136,12 @@ def _add_chunk(DKV, key_off, ok, acc, col0, stage):
 
 
 @gluon.jit
-def _wg(W: gl.constexpr, IDX, DKV, idx_row0, stride_dkv, BOUNDS, bound0, c0,
-        qs, dos, pds, ready, free, qd_bar):
+def _wg(W: gl.constexpr, IDX, DKV, idx_row0, stride_dkv, BOUNDS, bound0, qs, dos, pds, ready, free, qd_bar):
     """Key blocks W, W + 2, ... of the program's slot range: the block's dK/dV slab by wgmma (three
     64-column chunks), then the atomic adds of the slots within the range, staged through the
     block's own P/dS buffer (its MMAs are done with it), then the buffer freed for the producer."""
     HP: gl.constexpr = qs.shape[1]
-    lo = gl.load(BOUNDS + bound0)
-    hi = gl.load(BOUNDS + bound0 + 1)
-    b0, n_blocks = _slot_blocks(BOUNDS, bound0)
+    lo, hi, b0, n_blocks = _slot_blocks(BOUNDS, bound0)
     mbarrier.wait(qd_bar, 0)
     for i in range(W, n_blocks, 2):
         b = b0 + i
@@ -144,22 +159,22 @@ def _wg(W: gl.constexpr, IDX, DKV, idx_row0, stride_dkv, BOUNDS, bound0, c0,
         key_off = gl.where(ok, idx, 0).to(gl.int64) * stride_dkv
         a0, a1, a2 = hopper.warpgroup_mma_wait(0, deps=[a0, a1, a2])
         # The buffer's 2 x HP x 64 bf16 as fp32 [HP, 64]; its first 64 rows hold one chunk.
-        stage = buf._reinterpret(gl.float32, [HP, CHUNK], STAGE).slice(0, BLOCK_K, dim=0)
+        stage = _reinterpret(buf, gl.float32, [HP, CHUNK], STAGE).slice(0, BLOCK_K, dim=0)
         _sync_warps()  # every warp's MMAs have read the buffer before any overwrites it
-        _add_chunk(DKV, key_off, ok, a0, c0, stage)
-        _add_chunk(DKV, key_off, ok, a1, c0 + CHUNK, stage)
-        _add_chunk(DKV, key_off, ok, a2, c0 + 2 * CHUNK, stage)
+        _add_chunk(DKV, key_off, ok, a0, 0, stage)
+        _add_chunk(DKV, key_off, ok, a1, CHUNK, stage)
+        _add_chunk(DKV, key_off, ok, a2, 2 * CHUNK, stage)
         mbarrier.arrive(free.index(x))
 
 
 @gluon.jit
-def _wg0(IDX, DKV, idx_row0, stride_dkv, BOUNDS, bound0, c0, qs, dos, pds, ready, free, qd_bar):
-    _wg(0, IDX, DKV, idx_row0, stride_dkv, BOUNDS, bound0, c0, qs, dos, pds, ready, free, qd_bar)
+def _wg0(IDX, DKV, idx_row0, stride_dkv, BOUNDS, bound0, qs, dos, pds, ready, free, qd_bar):
+    _wg(0, IDX, DKV, idx_row0, stride_dkv, BOUNDS, bound0, qs, dos, pds, ready, free, qd_bar)
 
 
 @gluon.jit
-def _wg1(IDX, DKV, idx_row0, stride_dkv, BOUNDS, bound0, c0, qs, dos, pds, ready, free, qd_bar):
-    _wg(1, IDX, DKV, idx_row0, stride_dkv, BOUNDS, bound0, c0, qs, dos, pds, ready, free, qd_bar)
+def _wg1(IDX, DKV, idx_row0, stride_dkv, BOUNDS, bound0, qs, dos, pds, ready, free, qd_bar):
+    _wg(1, IDX, DKV, idx_row0, stride_dkv, BOUNDS, bound0, qs, dos, pds, ready, free, qd_bar)
 
 
 @gluon.jit
@@ -187,7 +202,8 @@ def _sparse_mla_bwd_dkv_ws_kernel(Q, DO, IDX, P, DS, DKV, BOUNDS, rng, t0,
     mbarrier.init(qd_bar, count=128)
 
     bound0 = t * stride_bt + rng
-    wg_args = (IDX, DKV, t * stride_it, stride_dkv, BOUNDS, bound0, 0, qs, dos, pds, ready, free, qd_bar)
+    # DKV points at this launch's first column (host side), so the warpgroups add at columns 0-191.
+    wg_args = (IDX, DKV, t * stride_it, stride_dkv, BOUNDS, bound0, qs, dos, pds, ready, free, qd_bar)
     gl.warp_specialize(
         [(_producer, (Q, DO, P, DS, t * stride_qt, t * stride_ot, stride_qh, stride_oh, r * stride_pt, stride_ph,
                       BOUNDS, bound0, c0, qs, dos, pds, ready, free, qd_bar, HP)),
