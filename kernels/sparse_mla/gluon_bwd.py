@@ -1,9 +1,10 @@
-"""The sparse MLA backward's first pass (P and dS) for Hopper in Gluon, 64 or 128 heads.
+"""The sparse MLA backward's first pass (P and dS) for Hopper in Gluon, heads a multiple of 64.
 
 The backward (triton_impl.sparse_mla_bwd_triton) recomputes, per token and head, the
 probabilities P = exp(S * scale - lse) and the score gradients dS = P * (dP - delta) * scale with
 S = q K^T (576 columns), dP = dO K_nope^T (512 columns) and delta = rowsum(dO * O), stores both in
-bf16 ([rows, H, k]) and hands them to the dq and dkv kernels. This pass is two GEMMs per gathered
+bf16 ([rows, H, k], rows padded to whole 64-slot blocks with zeros) and hands them to the dq and
+dK/dV passes. This pass is two GEMMs per gathered
 key block and no accumulator across blocks; the Triton version runs it at about 210 TFLOP/s at
 h128 (NOTES.md). Here one program (one token, 64 heads) has three warpgroups, as the Gluon forward:
 
@@ -15,7 +16,7 @@ h128 (NOTES.md). Here one program (one token, 64 heads) has three warpgroups, as
 - WG1 holds dO in registers (the A operand of its wgmma: 128 registers a thread), computes
   dP = dO K_nope^T for the same block, then dS from P and stores it.
 
-Shared memory: Q 72 KiB + two key buffers of 72 KiB + P 8 KiB + barriers (229,5xx of the
+Shared memory: Q 72 KiB + two key buffers of 72 KiB + P 8 KiB + barriers (229,792 of the
 232,448 bytes a block may have), so dO could not also live there.
 
 Rows with no key have lse = -inf: P = exp2(-inf) = 0 there and so is dS, as in the reference.

@@ -403,7 +403,10 @@ def sparse_mla_bwd_triton(q, kv, indices, scale: float, d_v: int, out, lse, dout
     instead stores each (token, slot) row and sums every key's rows in (token, slot) order:
     bit-identical across runs, at the cost of writing and reading T*k*D*4 bytes.
     `config` is ((BLOCK_H, BLOCK_K, warps, stages) for pass 1, (BLOCK_K, BLOCK_C, warps, stages[,
-    column chunks per slab]) for dkv[, (BLOCK_H, BLOCK_K, warps, stages) for the separate dq pass])."""
+    column chunks per slab]) for dkv[, (BLOCK_H, BLOCK_K, warps, stages) for the separate dq pass]).
+    With config None, at the Gluon forward's shapes the passes run in the Gluon kernels instead
+    (gluon_bwd.py: P and dS; gluon_bwd_dq.py: dq; gluon_bwd_dkv.py: dK/dV at 64 or 128 heads and
+    not for the deterministic sum, into a dkv kept in L2 one slab and key range at a time)."""
     if deterministic is None:
         deterministic = torch.are_deterministic_algorithms_enabled()
     q, kv, indices = q.contiguous(), kv.contiguous(), indices.contiguous().to(torch.int32)
