@@ -81,7 +81,9 @@ class _Window:
 def persisting_l2(device: torch.device):
     """Yields an object whose cover(t) marks tensor t persisting in L2 for the kernels launched after
     it on the current stream, until the block ends; or None where no window can be had (see the
-    module docstring), so that callers fall back to their plain launch."""
+    module docstring), so that callers fall back to their plain launch. The set-aside is a limit of
+    the calling thread's current device, which must be `device` (one device per process, as
+    Megatron's launch sets it)."""
     rt = _cudart()
     index = device.index if device.index is not None else torch.cuda.current_device()
     limit = max_persisting_bytes(index)
