@@ -395,7 +395,7 @@ def sparse_mla_bwd_triton(q, kv, indices, scale: float, d_v: int, out, lse, dout
     """Returns dq [T, H, D] (q.dtype) and dkv [L, D] (kv.dtype, accumulated in fp32).
 
     Two passes per chunk of tokens: the dq kernel also stores P and dS [chunk, H, k] (q.dtype; at
-    most PDS_BYTES each), and the dkv kernel turns them into dK/dV with all heads reduced by its
+    most PDS_BYTES each, or k rounded up to 64 slots a row on the Gluon path), and the dkv kernel turns them into dK/dV with all heads reduced by its
     MMAs, so the scores are computed once and no kernel re-reads q/dO per key block with a full
     recompute. With a third config entry, dq comes from its own kernel over the stored dS instead
     of pass 1's registers. dkv: by default fp32 atomic adds, so the summation order, and the last
