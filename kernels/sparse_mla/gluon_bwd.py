@@ -25,7 +25,6 @@ Not run by TRITON_INTERPRET (Gluon has no interpreter); tested on the GPU agains
 
 from __future__ import annotations
 
-import torch
 import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
@@ -33,8 +32,8 @@ from triton.experimental.gluon.language.nvidia import hopper
 from triton.experimental.gluon.language.nvidia.ampere import async_copy
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier
 
-from .gluon_fwd import (BLOCK_H, BLOCK_K, D_ROPE, D_V, HALF, S_LAYOUT, ROW_S, _block_rows, _gather_rows, _sync_warps,
-                        gluon_fwd_supported)
+from .gluon_fwd import (BLOCK_H, BLOCK_K, D_ROPE, D_V, HALF, S_LAYOUT, ROW_S, _block_rows, _gather_half, _load_q,
+                        _scores_half, _sync_warps)
 
 # dO as the register A operand of dP = dO K_nope^T (wgmma m64n64, k in steps of 16).
 DO_LAYOUT = gl.constexpr(gl.DotOperandLayout(operand_index=0, parent=S_LAYOUT.value, k_width=2))
@@ -45,23 +44,16 @@ def _producer(Q, KV, IDX, q_row0, stride_qh, stride_kv, idx_row0, TOPK, n_blocks
               q_n, q_r, kn, kr, ready_l, ready_r, free_l, free_r, q_bar):
     """4 warps: Q once, then key block b into buffer b % 2, its L half (columns 0-255) as soon as
     both math warpgroups have freed that half of block b - 2, then its R half (256-511 + rope)."""
-    layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
-    r = gl.arange(0, BLOCK_K, layout=gl.SliceLayout(1, layout))
-    q_off = q_row0 + r.to(gl.int64) * stride_qh
-    all_ok = r >= 0
-    _gather_rows(q_n, Q, q_off, all_ok, D_V)
-    _gather_rows(q_r, Q + D_V, q_off, all_ok, D_ROPE)
-    async_copy.mbarrier_arrive(q_bar, increment_count=False)
+    _load_q(Q, q_row0, stride_qh, q_n, q_r, q_bar)
     for b in range(n_blocks):
         x = b % 2
         ph = ((b // 2) & 1) ^ 1  # fresh barriers pass at parity 1 (first use of each buffer)
         off, ok = _block_rows(IDX, idx_row0, b, TOPK, stride_kv)
         mbarrier.wait(free_l.index(x), ph)
-        _gather_rows(kn.index(x).slice(0, HALF, dim=1), KV, off, ok, HALF)
+        _gather_half(kn, kr, x, KV, off, ok, False)
         async_copy.mbarrier_arrive(ready_l.index(x), increment_count=False)
         mbarrier.wait(free_r.index(x), ph)
-        _gather_rows(kn.index(x).slice(HALF, HALF, dim=1), KV + HALF, off, ok, HALF)
-        _gather_rows(kr.index(x), KV + D_V, off, ok, D_ROPE)
+        _gather_half(kn, kr, x, KV, off, ok, True)
         async_copy.mbarrier_arrive(ready_r.index(x), increment_count=False)
 
 
@@ -88,12 +80,9 @@ def _wg_scores(IDX, LSE, P, idx_row0, lse_row0, p_row0, stride_ph, TOPK, p_cols,
         ph = (b // 2) & 1
         s = gl.zeros([BLOCK_H, BLOCK_K], gl.float32, S_LAYOUT)
         mbarrier.wait(ready_l.index(x), ph)
-        s = hopper.warpgroup_mma(q_n.slice(0, HALF, dim=1), kn.index(x).slice(0, HALF, dim=1).permute((1, 0)), s,
-                                 use_acc=False, is_async=True)
+        s = _scores_half(q_n, q_r, kn.index(x), kr.index(x), s, False, True)
         mbarrier.wait(ready_r.index(x), ph)
-        s = hopper.warpgroup_mma(q_n.slice(HALF, HALF, dim=1), kn.index(x).slice(HALF, HALF, dim=1).permute((1, 0)),
-                                 s, is_async=True)
-        s = hopper.warpgroup_mma(q_r, kr.index(x).permute((1, 0)), s, is_async=True)
+        s = _scores_half(q_n, q_r, kn.index(x), kr.index(x), s, True, False)
         offs, in_row, slots = _tile_offsets(b, p_cols, stride_ph)
         idx = gl.load(IDX + idx_row0 + slots, mask=slots < TOPK, other=-1)
         hopper.warpgroup_mma_wait(2, deps=[s])
@@ -198,11 +187,6 @@ def _sparse_mla_bwd_pds_ws_kernel(Q, KV, IDX, O, DO, LSE, P, DS, scale, scale_lo
          (_wg_grads, (O, DO, DS, o_row0, stride_oh, p_row0, stride_ph, p_cols, n_blocks, scale,
                       kn, p_smem, ready_l, ready_r, free_l, free_r, p_ready, p_free))],
         [4, 4], [232, 232])
-
-
-def gluon_pds_supported(q: torch.Tensor, kv: torch.Tensor, d_v: int) -> bool:
-    """The same shapes as the Gluon forward: bf16, D 576, d_v 512, heads a multiple of 64, Hopper."""
-    return gluon_fwd_supported(q, kv, d_v)
 
 
 def sparse_mla_pds_gluon(q, kv, indices, out, dout, lse, scale: float, t0: int, p, ds) -> None:

@@ -37,6 +37,9 @@ from triton.experimental.gluon.language.nvidia.hopper import mbarrier
 
 from .gluon_fwd import BLOCK_K, D_V, _cp_async, _sync_warps
 
+# Head counts it takes (at the Gluon forward's other shapes): the q and dO slabs of all heads live
+# in shared memory.
+HEADS = (64, 128)
 SLAB = gl.constexpr(192)   # columns per launch: 3 chunks of 64 (slab 2: 384-575)
 CHUNK = gl.constexpr(64)   # columns per accumulator (wgmma N 64)
 D = gl.constexpr(576)
@@ -210,11 +213,6 @@ def _sparse_mla_bwd_dkv_ws_kernel(Q, DO, IDX, P, DS, DKV, BOUNDS, rng, t0,
          (_wg0, wg_args), (_wg1, wg_args)],
         [4, 4], [232, 232])
 
-
-def gluon_dkv_supported(q: torch.Tensor, kv: torch.Tensor, d_v: int) -> bool:
-    """bf16, D 576, d_v 512, 64 or 128 heads (q and dO slabs of all heads in shared memory), Hopper."""
-    return (q.is_cuda and q.dtype == torch.bfloat16 and kv.dtype == torch.bfloat16 and q.shape[-1] == D.value
-            and d_v == D_V.value and q.shape[1] in (64, 128) and torch.cuda.get_device_capability(q.device)[0] == 9)
 
 
 def dkv_plan(num_keys: int, device: torch.device):

@@ -26,7 +26,8 @@ from triton.experimental.gluon.language.nvidia import hopper
 from triton.experimental.gluon.language.nvidia.ampere import async_copy
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier
 
-from .gluon_fwd import BLOCK_H, BLOCK_K, D_ROPE, D_V, HALF, O_LAYOUT, S_LAYOUT, _block_rows, _gather_rows
+from .gluon_fwd import (BLOCK_H, BLOCK_K, D_ROPE, D_V, HALF, O_LAYOUT, S_LAYOUT, _block_rows, _gather_half,
+                        _gather_rows)
 
 
 @gluon.jit
@@ -41,9 +42,8 @@ def _producer(KV, IDX, DS, idx_row0, ds_row0, stride_ph, stride_kv, TOPK, n_bloc
         off, ok = _block_rows(IDX, idx_row0, b, TOPK, stride_kv)
         mbarrier.wait(free.index(x), ((b // 2) & 1) ^ 1)  # fresh barriers pass at parity 1
         _gather_rows(dsb.index(x), DS, ds_row0 + h.to(gl.int64) * stride_ph + b * BLOCK_K, h >= 0, BLOCK_K)
-        _gather_rows(kn.index(x).slice(0, HALF, dim=1), KV, off, ok, HALF)
-        _gather_rows(kn.index(x).slice(HALF, HALF, dim=1), KV + HALF, off, ok, HALF)
-        _gather_rows(kr.index(x), KV + D_V, off, ok, D_ROPE)
+        _gather_half(kn, kr, x, KV, off, ok, False)
+        _gather_half(kn, kr, x, KV, off, ok, True)
         async_copy.mbarrier_arrive(ready.index(x), increment_count=False)
 
 

@@ -83,6 +83,29 @@ def _block_rows(IDX, idx_row0, block, TOPK, stride_kv):
 
 
 @gluon.jit
+def _load_q(Q, q_row0, stride_qh, q_n, q_r, q_bar):
+    """cp.async the program's 64 query rows (value and rope columns) into q_n, q_r; q_bar gets one
+    arrival per producer thread when they land."""
+    layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
+    r = gl.arange(0, BLOCK_K, layout=gl.SliceLayout(1, layout))
+    q_off = q_row0 + r.to(gl.int64) * stride_qh
+    _gather_rows(q_n, Q, q_off, r >= 0, D_V)
+    _gather_rows(q_r, Q + D_V, q_off, r >= 0, D_ROPE)
+    async_copy.mbarrier_arrive(q_bar, increment_count=False)
+
+
+@gluon.jit
+def _gather_half(kn, kr, x, KV, off, ok, R: gl.constexpr):
+    """Gather one half of a key block into buffer x of (kn [2, 64, 512], kr [2, 64, 64]): L = value
+    columns 0-255, R = columns 256-511 and the rope columns (`_block_rows` gives off, ok)."""
+    if R:
+        _gather_rows(kn.index(x).slice(HALF, HALF, dim=1), KV + HALF, off, ok, HALF)
+        _gather_rows(kr.index(x), KV + D_V, off, ok, D_ROPE)
+    else:
+        _gather_rows(kn.index(x).slice(0, HALF, dim=1), KV, off, ok, HALF)
+
+
+@gluon.jit
 def _producer(Q, KV, IDX, q_row0, stride_qh, stride_kv, idx_row0, TOPK, n_pairs,
               q_n, q_r, kn, kr, ready_l, ready_r, free_l, free_r, q_bar):
     """4 warps: Q once, then for each pair j of key blocks (2j into buffer e = j % 2, 2j+1 into
@@ -90,13 +113,7 @@ def _producer(Q, KV, IDX, q_row0, stride_qh, stride_kv, idx_row0, TOPK, n_pairs,
     columns, in the order their buffers free up in the pair before: L of o and R of e early (their
     last readers are the first MMAs of that pair), L of e and R of o late. Slots past TOPK read as
     invalid and are zero-filled."""
-    layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
-    r = gl.arange(0, BLOCK_K, layout=gl.SliceLayout(1, layout))
-    q_off = q_row0 + r.to(gl.int64) * stride_qh
-    all_ok = r >= 0
-    _gather_rows(q_n, Q, q_off, all_ok, D_V)
-    _gather_rows(q_r, Q + D_V, q_off, all_ok, D_ROPE)
-    async_copy.mbarrier_arrive(q_bar, increment_count=False)
+    _load_q(Q, q_row0, stride_qh, q_n, q_r, q_bar)
     for j in range(n_pairs):
         e = j % 2
         o = 1 - e
@@ -104,18 +121,16 @@ def _producer(Q, KV, IDX, q_row0, stride_qh, stride_kv, idx_row0, TOPK, n_pairs,
         off_e, ok_e = _block_rows(IDX, idx_row0, 2 * j, TOPK, stride_kv)
         off_o, ok_o = _block_rows(IDX, idx_row0, 2 * j + 1, TOPK, stride_kv)
         mbarrier.wait(free_l.index(o), ph)
-        _gather_rows(kn.index(o).slice(0, HALF, dim=1), KV, off_o, ok_o, HALF)
+        _gather_half(kn, kr, o, KV, off_o, ok_o, False)
         async_copy.mbarrier_arrive(ready_l.index(o), increment_count=False)
         mbarrier.wait(free_r.index(e), ph)
-        _gather_rows(kn.index(e).slice(HALF, HALF, dim=1), KV + HALF, off_e, ok_e, HALF)
-        _gather_rows(kr.index(e), KV + D_V, off_e, ok_e, D_ROPE)
+        _gather_half(kn, kr, e, KV, off_e, ok_e, True)
         async_copy.mbarrier_arrive(ready_r.index(e), increment_count=False)
         mbarrier.wait(free_l.index(e), ph)
-        _gather_rows(kn.index(e).slice(0, HALF, dim=1), KV, off_e, ok_e, HALF)
+        _gather_half(kn, kr, e, KV, off_e, ok_e, False)
         async_copy.mbarrier_arrive(ready_l.index(e), increment_count=False)
         mbarrier.wait(free_r.index(o), ph)
-        _gather_rows(kn.index(o).slice(HALF, HALF, dim=1), KV + HALF, off_o, ok_o, HALF)
-        _gather_rows(kr.index(o), KV + D_V, off_o, ok_o, D_ROPE)
+        _gather_half(kn, kr, o, KV, off_o, ok_o, True)
         async_copy.mbarrier_arrive(ready_r.index(o), increment_count=False)
 
 

@@ -324,12 +324,12 @@ def gluon_pds_for(q, kv, d_v: int):
 
 def gluon_dkv_for(q, kv, d_v: int):
     """The Gluon module of the backward's dK/dV pass (gluon_bwd_dkv.py) if it takes these inputs,
-    else None: the Gluon forward's shapes at 64 or 128 heads."""
+    else None: the Gluon forward's shapes at 64 or 128 heads (gluon_bwd_dkv.HEADS)."""
     if gluon_forward_for(q, kv, d_v) is None:
         return None
     from . import gluon_bwd_dkv
 
-    return gluon_bwd_dkv if gluon_bwd_dkv.gluon_dkv_supported(q, kv, d_v) else None
+    return gluon_bwd_dkv if q.shape[1] in gluon_bwd_dkv.HEADS else None
 
 
 def sparse_mla_fwd_triton(q, kv, indices, scale: float, d_v: int, config=None):
@@ -433,6 +433,8 @@ def sparse_mla_bwd_triton(q, kv, indices, scale: float, d_v: int, out, lse, dout
     # Then dq and, where it takes the shapes and the adds may be atomic, dK/dV in Gluon too; these
     # read whole 64-slot tiles of P/dS, so with the Gluon pass 1 their rows are padded to a multiple
     # of 64 slots (it writes zeros past k).
+    if gluon_pds is not None:
+        from . import gluon_bwd_dq as gluon_dq
     gluon_dkv = gluon_dkv_for(q, kv, d_v) if gluon_pds is not None and not deterministic else None
     p_cols = triton.cdiv(topk, 64) * 64 if gluon_pds is not None else topk
     # The Gluon dK/dV pass adds into a slab-major dkv, one slab and key range at a time kept in L2,
@@ -467,6 +469,7 @@ def sparse_mla_bwd_triton(q, kv, indices, scale: float, d_v: int, out, lse, dout
         ds = torch.empty_like(p)
         if gluon_pds is not None:
             gluon_pds.sparse_mla_pds_gluon(q, kv, indices, out, dout, lse, scale, t0, p, ds)
+            gluon_dq.sparse_mla_dq_gluon(kv, indices, ds, t0, dq)
         else:
             _sparse_mla_bwd_dq_kernel[(triton.cdiv(H, block_h) * n,)](
                 q, kv, indices, out, dout, lse, dq, p, ds, scale, scale * LOG2E, H, topk, t0,
@@ -475,17 +478,13 @@ def sparse_mla_bwd_triton(q, kv, indices, scale: float, d_v: int, out, lse, dout
                 D_V=d_v, D_ROPE=D - d_v, BLOCK_H=block_h, BLOCK_K=block_k, num_warps=warps, num_stages=stages,
                 WITH_DQ=dq_cfg is None, **dot_opts,
             )
-        if gluon_pds is not None:
-            from .gluon_bwd_dq import sparse_mla_dq_gluon
-
-            sparse_mla_dq_gluon(kv, indices, ds, t0, dq)
-        elif dq_cfg is not None:
-            dq_bh, dq_bk, dq_warps, dq_stages = dq_cfg
-            _sparse_mla_bwd_dq_from_ds_kernel[(triton.cdiv(H, dq_bh) * n,)](
-                kv, indices, ds, dq, H, topk, t0, q.stride(0), q.stride(1), kv.stride(0), indices.stride(0),
-                ds.stride(0), ds.stride(1), D_V=d_v, D_ROPE=D - d_v, BLOCK_H=dq_bh, BLOCK_K=dq_bk,
-                num_warps=dq_warps, num_stages=dq_stages, **dot_opts,
-            )
+            if dq_cfg is not None:
+                dq_bh, dq_bk, dq_warps, dq_stages = dq_cfg
+                _sparse_mla_bwd_dq_from_ds_kernel[(triton.cdiv(H, dq_bh) * n,)](
+                    kv, indices, ds, dq, H, topk, t0, q.stride(0), q.stride(1), kv.stride(0), indices.stride(0),
+                    ds.stride(0), ds.stride(1), D_V=d_v, D_ROPE=D - d_v, BLOCK_H=dq_bh, BLOCK_K=dq_bk,
+                    num_warps=dq_warps, num_stages=dq_stages, **dot_opts,
+                )
         if dkv_slabs is not None:
             with persisting_l2(kv.device) as window:
                 gluon_dkv.sparse_mla_dkv_gluon(q, dout, indices, p, ds, t0, dkv_slabs, bounds, range_keys, window)
