@@ -23,6 +23,7 @@ import torch
 
 _LIMIT_PERSISTING_L2 = 0x06          # cudaLimitPersistingL2CacheSize
 _ATTR_MAX_PERSISTING_L2 = 108        # cudaDevAttrMaxPersistingL2CacheSize
+_ATTR_MAX_WINDOW = 109               # cudaDevAttrMaxAccessPolicyWindowSize
 _STREAM_ATTR_ACCESS_POLICY = 1       # cudaStreamAttributeAccessPolicyWindow
 _PERSISTING, _STREAMING, _NORMAL = 2, 1, 0  # cudaAccessProperty
 
@@ -49,32 +50,53 @@ def _cudart():
     return None
 
 
-@functools.lru_cache(maxsize=None)
-def max_persisting_bytes(device: int) -> int:
-    """The device's largest persisting L2 set-aside in bytes (0 where there is none or no runtime)."""
+def _device_attribute(attribute: int, device: int) -> int:
+    """A cudaDeviceGetAttribute value (0 where there is no runtime or the call fails)."""
     rt = _cudart()
     if rt is None:
         return 0
     value = ctypes.c_int()
-    if rt.cudaDeviceGetAttribute(ctypes.byref(value), _ATTR_MAX_PERSISTING_L2, device) != 0:
+    if rt.cudaDeviceGetAttribute(ctypes.byref(value), attribute, device) != 0:
         return 0
     return max(0, value.value)
 
 
+@functools.lru_cache(maxsize=None)
+def max_persisting_bytes(device: int) -> int:
+    """The device's largest persisting L2 set-aside in bytes (0 where there is none or no runtime)."""
+    return _device_attribute(_ATTR_MAX_PERSISTING_L2, device)
+
+
+@functools.lru_cache(maxsize=None)
+def max_window_bytes(device: int) -> int:
+    """The largest access-policy window the device takes, in bytes (134,217,728 on the H100)."""
+    return _device_attribute(_ATTR_MAX_WINDOW, device)
+
+
 class _Window:
-    def __init__(self, rt, stream: torch.cuda.Stream, limit: int):
+    def __init__(self, rt, stream: torch.cuda.Stream, limit: int, max_window: int):
         self._rt, self._stream, self.limit = rt, ctypes.c_void_p(stream.cuda_stream), limit
+        self._max_window = max_window
 
     def cover(self, t: torch.Tensor) -> None:
-        """Later launches on the stream keep t's bytes in L2 (the fraction that fits the set-aside)."""
-        nbytes = t.numel() * t.element_size()
+        """Later launches on the stream keep t's bytes in L2 (the fraction that fits the set-aside).
+        A tensor larger than the device's largest window is covered from its start up to that size:
+        asking for more fails, and the failure would surface as an unrelated error in the next
+        CUDA call of torch."""
+        nbytes = min(t.numel() * t.element_size(), self._max_window)
         window = _AccessPolicyWindow(t.data_ptr(), nbytes, min(1.0, self.limit / max(nbytes, 1)), _PERSISTING,
                                      _STREAMING)
-        self._rt.cudaStreamSetAttribute(self._stream, _STREAM_ATTR_ACCESS_POLICY, ctypes.byref(window))
+        self._set(window)
 
     def clear(self) -> None:
-        window = _AccessPolicyWindow(None, 0, 0.0, _NORMAL, _NORMAL)
-        self._rt.cudaStreamSetAttribute(self._stream, _STREAM_ATTR_ACCESS_POLICY, ctypes.byref(window))
+        self._set(_AccessPolicyWindow(None, 0, 0.0, _NORMAL, _NORMAL))
+
+    def _set(self, window: _AccessPolicyWindow) -> None:
+        code = self._rt.cudaStreamSetAttribute(self._stream, _STREAM_ATTR_ACCESS_POLICY, ctypes.byref(window))
+        if code != 0:
+            self._rt.cudaGetLastError()  # clear it, so that torch's next check does not report it
+            raise RuntimeError(f"cudaStreamSetAttribute(access policy window of {window.num_bytes} bytes) "
+                               f"failed with CUDA error {code}")
 
 
 @contextlib.contextmanager
@@ -86,8 +108,8 @@ def persisting_l2(device: torch.device):
     Megatron's launch sets it)."""
     rt = _cudart()
     index = device.index if device.index is not None else torch.cuda.current_device()
-    limit = max_persisting_bytes(index)
-    if rt is None or limit == 0 or torch.cuda.is_current_stream_capturing():
+    limit, max_window = max_persisting_bytes(index), max_window_bytes(index)
+    if rt is None or limit == 0 or max_window == 0 or torch.cuda.is_current_stream_capturing():
         yield None
         return
     old = ctypes.c_size_t()
@@ -95,7 +117,7 @@ def persisting_l2(device: torch.device):
             rt.cudaDeviceSetLimit(_LIMIT_PERSISTING_L2, ctypes.c_size_t(limit)) != 0:
         yield None
         return
-    window = _Window(rt, torch.cuda.current_stream(device), limit)
+    window = _Window(rt, torch.cuda.current_stream(device), limit, max_window)
     try:
         yield window
     finally:

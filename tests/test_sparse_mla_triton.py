@@ -269,5 +269,14 @@ def test_persisting_l2_window_restores_the_device_limit():
         if window is not None:
             window.cover(torch.zeros(1024, device="cuda"))
             assert inside.value == window.limit > 0
+            # Larger than the largest window the device takes: covered up to that size, and no
+            # failed call left behind for torch's next CUDA check to report.
+            from kernels.l2_persist import max_window_bytes
+            big = torch.zeros(max_window_bytes(torch.cuda.current_device()) + (1 << 20), dtype=torch.uint8,
+                              device="cuda")
+            window.cover(big)
+            big.add_(1)
+            torch.cuda.synchronize()
+            assert int(big[-1]) == 1
     rt.cudaDeviceGetLimit(ctypes.byref(after), 0x06)
     assert after.value == before.value

@@ -58,17 +58,17 @@ def _producer(Q, KV, IDX, q_row0, stride_qh, stride_kv, idx_row0, TOPK, n_blocks
 
 
 @gluon.jit
-def _tile_offsets(b, p_cols, stride_ph):
-    """Element offsets (int32, relative to the program's first head of its row) and mask (slots within
-    the buffer's p_cols) of key block b's [64 heads, 64 slots] tile in the P / dS buffers, S layout;
-    and the slots themselves."""
+def _tile_offsets(b, stride_ph):
+    """Element offsets (int32, relative to the program's first head of its row) of key block b's
+    [64 heads, 64 slots] tile in the P / dS buffers, S layout; and the slots themselves. No mask:
+    the buffers' rows hold whole blocks (the host checks), so the stores are 4-byte pairs."""
     heads = gl.arange(0, BLOCK_H, layout=ROW_S)
     slots = b * BLOCK_K + gl.arange(0, BLOCK_K, layout=gl.SliceLayout(0, S_LAYOUT))
-    return heads[:, None] * stride_ph + slots[None, :], (slots < p_cols)[None, :], slots
+    return heads[:, None] * stride_ph + slots[None, :], slots
 
 
 @gluon.jit
-def _wg_scores(IDX, LSE, P, idx_row0, lse_row0, p_row0, stride_ph, TOPK, p_cols, n_blocks, scale_log2,
+def _wg_scores(IDX, LSE, P, idx_row0, lse_row0, p_row0, stride_ph, TOPK, n_blocks, scale_log2,
                q_n, q_r, kn, kr, p_smem, ready_l, ready_r, free_l, free_r, q_bar, p_ready, p_free):
     """WG0: S = Q K^T per key block, P = exp2(S * scale_log2 - lse2) (0 on invalid slots), P to
     global memory and to WG1."""
@@ -83,14 +83,14 @@ def _wg_scores(IDX, LSE, P, idx_row0, lse_row0, p_row0, stride_ph, TOPK, p_cols,
         s = _scores_half(q_n, q_r, kn.index(x), kr.index(x), s, False, True)
         mbarrier.wait(ready_r.index(x), ph)
         s = _scores_half(q_n, q_r, kn.index(x), kr.index(x), s, True, False)
-        offs, in_row, slots = _tile_offsets(b, p_cols, stride_ph)
+        offs, slots = _tile_offsets(b, stride_ph)
         idx = gl.load(IDX + idx_row0 + slots, mask=slots < TOPK, other=-1)
         hopper.warpgroup_mma_wait(2, deps=[s])
         mbarrier.arrive(free_l.index(x))
         s = hopper.warpgroup_mma_wait(0, deps=[s])
         mbarrier.arrive(free_r.index(x))
         p = gl.where((idx >= 0)[None, :], gl.exp2(s * scale_log2 - lse2[:, None]), 0.0).to(gl.bfloat16)
-        gl.store(P + p_row0 + offs, p, mask=in_row)
+        gl.store(P + p_row0 + offs, p, cache_modifier=".cs")  # streamed: keep L2 for the keys
         mbarrier.wait(p_free, (b & 1) ^ 1)  # WG1 has read the previous block's P
         p_smem.store(p)
         _sync_warps()
@@ -102,11 +102,11 @@ def _load_rows(X, row0, stride_h, col0):
     """X[row0 + h * stride_h + col0 + c] for 64 heads h and 256 columns c, in dO's register layout."""
     heads = gl.arange(0, BLOCK_H, layout=gl.SliceLayout(1, DO_LAYOUT))
     cols = col0 + gl.arange(0, HALF, layout=gl.SliceLayout(0, DO_LAYOUT))
-    return gl.load(X + row0 + heads.to(gl.int64)[:, None] * stride_h + cols[None, :])
+    return gl.load(X + row0 + heads.to(gl.int64)[:, None] * stride_h + cols[None, :], eviction_policy="evict_first")
 
 
 @gluon.jit
-def _wg_grads(O, DO, DS, o_row0, stride_oh, p_row0, stride_ph, p_cols, n_blocks, scale,
+def _wg_grads(O, DO, DS, o_row0, stride_oh, p_row0, stride_ph, n_blocks, scale,
               kn, p_smem, ready_l, ready_r, free_l, free_r, p_ready, p_free):
     """WG1: dO in registers, delta = rowsum(dO * O); per key block dP = dO K_nope^T and
     dS = P * (dP - delta) * scale to global memory."""
@@ -125,7 +125,7 @@ def _wg_grads(O, DO, DS, o_row0, stride_oh, p_row0, stride_ph, p_cols, n_blocks,
                                   use_acc=False, is_async=True)
         mbarrier.wait(ready_r.index(x), ph)
         dp = hopper.warpgroup_mma(do_r, kn.index(x).slice(HALF, HALF, dim=1).permute((1, 0)), dp, is_async=True)
-        offs, in_row, slots = _tile_offsets(b, p_cols, stride_ph)
+        offs, slots = _tile_offsets(b, stride_ph)
         hopper.warpgroup_mma_wait(1, deps=[dp])
         mbarrier.arrive(free_l.index(x))
         dp = hopper.warpgroup_mma_wait(0, deps=[dp])
@@ -135,16 +135,16 @@ def _wg_grads(O, DO, DS, o_row0, stride_oh, p_row0, stride_ph, p_cols, n_blocks,
         _sync_warps()
         mbarrier.arrive(p_free)
         ds = p.to(gl.float32) * (dp - delta[:, None]) * scale
-        gl.store(DS + p_row0 + offs, ds.to(gl.bfloat16), mask=in_row)
+        gl.store(DS + p_row0 + offs, ds.to(gl.bfloat16), cache_modifier=".cs")
 
 
 @gluon.jit
-def _sparse_mla_bwd_pds_ws_kernel(Q, KV, IDX, O, DO, LSE, P, DS, scale, scale_log2, H, TOPK, p_cols, n_blocks, t0,
+def _sparse_mla_bwd_pds_ws_kernel(Q, KV, IDX, O, DO, LSE, P, DS, scale, scale_log2, H, TOPK, n_blocks, t0,
                                   stride_qt, stride_qh, stride_kv, stride_it, stride_ot, stride_oh, stride_lt,
                                   stride_pt, stride_ph):
     """One program = one token t = t0 + r of the chunk x 64 heads (head block fastest in the 1-D grid);
-    P and DS are [chunk rows, H, p_cols] bf16, written at row r, slots < p_cols (p_cols >= TOPK: slots
-    past TOPK get zeros, so that a buffer padded to whole blocks needs no column mask to read)."""
+    P and DS are [chunk rows, H, 64 * n_blocks] bf16, written at row r, every slot (slots past TOPK
+    get zeros, so that the later passes read whole blocks with no column mask)."""
     pid = gl.program_id(0).to(gl.int64)
     hblocks = H // BLOCK_H
     r = pid // hblocks
@@ -182,26 +182,26 @@ def _sparse_mla_bwd_pds_ws_kernel(Q, KV, IDX, O, DO, LSE, P, DS, scale, scale_lo
     gl.warp_specialize(
         [(_producer, (Q, KV, IDX, q_row0, stride_qh, stride_kv, idx_row0, TOPK, n_blocks,
                       q_n, q_r, kn, kr, ready_l, ready_r, free_l, free_r, q_bar)),
-         (_wg_scores, (IDX, LSE, P, idx_row0, lse_row0, p_row0, stride_ph, TOPK, p_cols, n_blocks, scale_log2,
+         (_wg_scores, (IDX, LSE, P, idx_row0, lse_row0, p_row0, stride_ph, TOPK, n_blocks, scale_log2,
                        q_n, q_r, kn, kr, p_smem, ready_l, ready_r, free_l, free_r, q_bar, p_ready, p_free)),
-         (_wg_grads, (O, DO, DS, o_row0, stride_oh, p_row0, stride_ph, p_cols, n_blocks, scale,
+         (_wg_grads, (O, DO, DS, o_row0, stride_oh, p_row0, stride_ph, n_blocks, scale,
                       kn, p_smem, ready_l, ready_r, free_l, free_r, p_ready, p_free))],
         [4, 4], [232, 232])
 
 
 def sparse_mla_pds_gluon(q, kv, indices, out, dout, lse, scale: float, t0: int, p, ds) -> None:
     """Pass 1 of the backward for tokens t0 .. t0 + p.shape[0] - 1: fills p and ds [n, H, kp] (bf16,
-    kp >= k; slots k .. kp - 1 get zeros).
+    kp = k rounded up to a multiple of 64; slots k .. kp - 1 get zeros).
     q [T, H, 576], kv [L, 576], out/dout [T, H, 512] (bf16, unit stride on the last axis),
     indices [T, k] int32, lse [T, H] fp32 (natural log, -inf for rows without keys)."""
     n, H, p_cols = p.shape
     topk = indices.shape[1]
+    n_blocks = triton.cdiv(topk, BLOCK_K.value)
     if n == 0:
         return
-    assert out.stride() == dout.stride() and p.stride() == ds.stride() and p_cols >= topk
+    assert out.stride() == dout.stride() and p.stride() == ds.stride() and p_cols == n_blocks * BLOCK_K.value
     grid = (n * (H // BLOCK_H.value),)
     _sparse_mla_bwd_pds_ws_kernel[grid](
-        q, kv, indices, out, dout, lse, p, ds, scale, scale * 1.4426950408889634, H, topk, p_cols,
-        triton.cdiv(topk, BLOCK_K.value), t0,
+        q, kv, indices, out, dout, lse, p, ds, scale, scale * 1.4426950408889634, H, topk, n_blocks, t0,
         q.stride(0), q.stride(1), kv.stride(0), indices.stride(0), out.stride(0), out.stride(1), lse.stride(0),
         p.stride(0), p.stride(1), num_warps=4)

@@ -53,7 +53,8 @@ def _store_cols(DQ, dq_row0, stride_qh, acc, col0, LAYOUT: gl.constexpr):
     N: gl.constexpr = acc.shape[1]
     heads = gl.arange(0, BLOCK_H, layout=gl.SliceLayout(1, LAYOUT))
     cols = col0 + gl.arange(0, N, layout=gl.SliceLayout(0, LAYOUT))
-    gl.store(DQ + dq_row0 + heads.to(gl.int64)[:, None] * stride_qh + cols[None, :], acc.to(DQ.dtype.element_ty))
+    gl.store(DQ + dq_row0 + heads.to(gl.int64)[:, None] * stride_qh + cols[None, :], acc.to(DQ.dtype.element_ty),
+             cache_modifier=".cs")  # streamed: keep L2 for the keys
 
 
 @gluon.jit

@@ -206,7 +206,9 @@ def _epilogue(o, l, m, W: gl.constexpr, lbuf, l_bar, OUT, LSE, out_row0, stride_
     out = o * _rows_to_o(inv)
     heads = gl.arange(0, BLOCK_H, layout=gl.SliceLayout(1, O_LAYOUT))
     cols = W * HALF + gl.arange(0, HALF, layout=gl.SliceLayout(0, O_LAYOUT))
-    gl.store(OUT + out_row0 + heads.to(gl.int64)[:, None] * stride_oh + cols[None, :], out.to(OUT.dtype.element_ty))
+    # Streamed (evict-first) stores: the output is not read again here, the gathered keys are.
+    gl.store(OUT + out_row0 + heads.to(gl.int64)[:, None] * stride_oh + cols[None, :], out.to(OUT.dtype.element_ty),
+             cache_modifier=".cs")
     if W == 0:
         lse = gl.where(has, (m + gl.log2(gl.where(has, l, 1.0))) * 0.6931471805599453, float("-inf"))
         gl.store(LSE + lse_row0 + gl.arange(0, BLOCK_H, layout=ROW_S), lse)
