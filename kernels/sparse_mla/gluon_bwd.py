@@ -29,10 +29,9 @@ import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia import hopper
-from triton.experimental.gluon.language.nvidia.ampere import async_copy
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier
 
-from .gluon_fwd import (BLOCK_H, BLOCK_K, D_ROPE, D_V, HALF, S_LAYOUT, ROW_S, _block_rows, _gather_half, _load_q,
+from .gluon_fwd import (BLOCK_H, BLOCK_K, D_ROPE, D_V, HALF, S_LAYOUT, ROW_S, _block_rows, _load_q, _refill_half,
                         _scores_half, _sync_warps)
 
 # dO as the register A operand of dP = dO K_nope^T (wgmma m64n64, k in steps of 16).
@@ -49,12 +48,8 @@ def _producer(Q, KV, IDX, q_row0, stride_qh, stride_kv, idx_row0, TOPK, n_blocks
         x = b % 2
         ph = ((b // 2) & 1) ^ 1  # fresh barriers pass at parity 1 (first use of each buffer)
         off, ok = _block_rows(IDX, idx_row0, b, TOPK, stride_kv)
-        mbarrier.wait(free_l.index(x), ph)
-        _gather_half(kn, kr, x, KV, off, ok, False)
-        async_copy.mbarrier_arrive(ready_l.index(x), increment_count=False)
-        mbarrier.wait(free_r.index(x), ph)
-        _gather_half(kn, kr, x, KV, off, ok, True)
-        async_copy.mbarrier_arrive(ready_r.index(x), increment_count=False)
+        _refill_half(kn, kr, x, KV, off, ok, False, free_l, ready_l, ph)
+        _refill_half(kn, kr, x, KV, off, ok, True, free_r, ready_r, ph)
 
 
 @gluon.jit

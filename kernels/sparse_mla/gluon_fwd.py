@@ -106,6 +106,15 @@ def _gather_half(kn, kr, x, KV, off, ok, R: gl.constexpr):
 
 
 @gluon.jit
+def _refill_half(kn, kr, x, KV, off, ok, R: gl.constexpr, free, ready, ph):
+    """A producer's step for one half of key buffer x: wait until its readers have freed it (free
+    at parity ph), gather it (`_gather_half`), and have its cp.asyncs arrive on ready."""
+    mbarrier.wait(free.index(x), ph)
+    _gather_half(kn, kr, x, KV, off, ok, R)
+    async_copy.mbarrier_arrive(ready.index(x), increment_count=False)
+
+
+@gluon.jit
 def _producer(Q, KV, IDX, q_row0, stride_qh, stride_kv, idx_row0, TOPK, n_pairs,
               q_n, q_r, kn, kr, ready_l, ready_r, free_l, free_r, q_bar):
     """4 warps: Q once, then for each pair j of key blocks (2j into buffer e = j % 2, 2j+1 into
@@ -120,18 +129,10 @@ def _producer(Q, KV, IDX, q_row0, stride_qh, stride_kv, idx_row0, TOPK, n_pairs,
         ph = (j & 1) ^ 1  # fresh barriers pass at parity 1 (pair 0)
         off_e, ok_e = _block_rows(IDX, idx_row0, 2 * j, TOPK, stride_kv)
         off_o, ok_o = _block_rows(IDX, idx_row0, 2 * j + 1, TOPK, stride_kv)
-        mbarrier.wait(free_l.index(o), ph)
-        _gather_half(kn, kr, o, KV, off_o, ok_o, False)
-        async_copy.mbarrier_arrive(ready_l.index(o), increment_count=False)
-        mbarrier.wait(free_r.index(e), ph)
-        _gather_half(kn, kr, e, KV, off_e, ok_e, True)
-        async_copy.mbarrier_arrive(ready_r.index(e), increment_count=False)
-        mbarrier.wait(free_l.index(e), ph)
-        _gather_half(kn, kr, e, KV, off_e, ok_e, False)
-        async_copy.mbarrier_arrive(ready_l.index(e), increment_count=False)
-        mbarrier.wait(free_r.index(o), ph)
-        _gather_half(kn, kr, o, KV, off_o, ok_o, True)
-        async_copy.mbarrier_arrive(ready_r.index(o), increment_count=False)
+        _refill_half(kn, kr, o, KV, off_o, ok_o, False, free_l, ready_l, ph)
+        _refill_half(kn, kr, e, KV, off_e, ok_e, True, free_r, ready_r, ph)
+        _refill_half(kn, kr, e, KV, off_e, ok_e, False, free_l, ready_l, ph)
+        _refill_half(kn, kr, o, KV, off_o, ok_o, True, free_r, ready_r, ph)
 
 
 @gluon.jit
