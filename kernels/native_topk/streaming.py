@@ -1,7 +1,9 @@
 """Host driver of the Triton native top-k: thresholds, candidate buffers, retries, fallback.
 
 For the rows with more than k causal keys (the others take every causal key):
-1. prob_sum only: per-head log-sum-exp over the causal keys (`_lse_kernel`).
+1. prob_sum only: per-head log-sum-exp over the causal keys (`_lse_kernel`; on Hopper, for bf16
+   q and kv, the Gluon kernel of gluon_prob_sum.py, which also takes the first main pass of step 3
+   for 8 or 16 heads: `gluon_prob_sum_for`).
 2. Sample passes: mean/std/max over every `STATS_STEP`-th key, then counts over every
    `SAMPLE_STEP`-th key at a `SAMPLE_GRID`-point grid (points around the quantile k would sit at
    for normal scores, and points between the mean and the max). Scaled to the full row, the counts
@@ -54,6 +56,10 @@ REFERENCE_ELEMENTS = 1 << 25  # score elements up to which missed rows go to the
 # chunk took 13.2-13.4 against 13.8-14.1 ms, for 1 GB more peak memory (NOTES, eighth round).
 BUFFER_BYTES = 1 << 31
 
+# prob_sum's log-sum-exp and first main pass by the Gluon kernels (gluon_prob_sum.py) where they
+# take the inputs; False forces the Triton kernels (tests and benchmarks compare the two).
+GLUON_PROB_SUM = True
+
 # Rows that needed main pass number i (key i) or went to the reference ("reference": few rows
 # missing the first pass, or unresolved after MAX_TRIES), since import; benchmarks print it to
 # show how often the first threshold misses on their data.
@@ -100,6 +106,18 @@ def _operand(q: torch.Tensor, kv: torch.Tensor, mode: str, d_pad: int):
     return A.view(qs.shape[0], -1), len(parts)
 
 
+def gluon_prob_sum_for(q: torch.Tensor, kv: torch.Tensor):
+    """The module of prob_sum's Gluon passes (gluon_prob_sum.py) if it takes q [T, H, D] and kv,
+    else None: when GLUON_PROB_SUM is off, under the interpreter, with a Triton without Gluon."""
+    if not GLUON_PROB_SUM or interpreting():
+        return None
+    try:
+        from . import gluon_prob_sum
+    except ImportError:
+        return None
+    return gluon_prob_sum if gluon_prob_sum.gluon_prob_sum_supported(q, kv) else None
+
+
 def _d_pad(d: int, cfg: dict) -> int:
     return triton.cdiv(d, cfg["DC"]) * cfg["DC"]
 
@@ -130,8 +148,13 @@ class _Rows:
         self.d_pad = _d_pad(kv.shape[1], cfg)
         # prob_sum: A [H, T, D] (strides head, token); logit_sum: A [T, P * d_pad] (no head stride).
         self.strides = (self.A.stride(0), self.A.stride(1)) if self.prob else (0, self.A.stride(0))
+        # prob_sum over rows row_base .. row_base + R - 1: the Gluon passes where they take the inputs
+        self.gluon = gluon_prob_sum_for(self.A.transpose(0, 1), kv) if self.prob and row_base is not None else None
         if lse2 is not None:  # prob_sum rows whose log-sum-exp an earlier runner computed
             self.lse2 = lse2
+            return
+        if self.gluon is not None:
+            self.lse2 = self.gluon.lse2_gluon(self.A.transpose(0, 1), kv, row_base, self.R, q_offset, self.scale_log2)
             return
         self.lse2 = torch.empty(self.R if self.prob else 1, self.P, dtype=torch.float32, device=kv.device)
         if self.prob:
@@ -167,6 +190,9 @@ class _Rows:
         aim (sample passes): (target, out [R, G], out [R]) for the kernel's threshold arithmetic (see
         `_first_thresholds`)."""
         dev, R, cfg = self.kv.device, self.R, self.cfg
+        if (pass_id == 2 and not count and key_step == 1 and self.gluon is not None
+                and self.gluon.main_pass_supported(self.P, cfg["BN"])):
+            return self._run_gluon_main(tw, cap)
         a_desc, kv_desc, tma = self._descriptors(key_step, cfg)
         J = th.shape[1] if th is not None else 1
         th = th.contiguous() if th is not None else torch.empty(R, 1, device=dev)
@@ -187,6 +213,18 @@ class _Rows:
             GRID=aim_th.shape[1] if aim is not None else 0, **cfg,
         )
         return dict(stats=stats, counts=counts, count_w=count_w, rmax=rmax, buf=buf)
+
+
+    def _run_gluon_main(self, tw: torch.Tensor, cap: int) -> dict:
+        """`run(2, tw=tw, cap=cap, count=False)` by the Gluon main pass (prob_sum, gluon_prob_sum.py);
+        the counts, stats and row max that pass leaves unwritten are returned unwritten too."""
+        dev, R = self.kv.device, self.R
+        buf = torch.empty((R, _row_slots(cap, self.cfg)), dtype=torch.int64, device=dev)
+        count_w = torch.empty(R, dtype=torch.int32, device=dev)
+        self.gluon.main_pass_gluon(self.A.transpose(0, 1), self.kv, self.lse2, tw.contiguous(), buf, count_w,
+                                   self.row_base, self.q_offset, self.scale_log2, cap)
+        return dict(stats=torch.empty(R, 4, device=dev), counts=torch.empty(R, 1, dtype=torch.int32, device=dev),
+                    count_w=count_w, rmax=torch.empty(R, device=dev), buf=buf)
 
 
 def _first_thresholds(runner: _Rows, topk: int):
