@@ -186,7 +186,8 @@ class _Rows:
         return a_desc, kv_desc, True
 
     def run(self, pass_id, key_step=1, th=None, tw=None, cap=0, count=True, aim=None):
-        """One `_score_pass_kernel` launch over these rows; count=False skips a main pass's counts at th.
+        """One `_score_pass_kernel` launch over these rows (the first main pass of prob_sum: the Gluon
+        kernel where `self.gluon` takes it); count=False skips a main pass's counts at th.
         aim (sample passes): (target, out [R, G], out [R]) for the kernel's threshold arithmetic (see
         `_first_thresholds`)."""
         dev, R, cfg = self.kv.device, self.R, self.cfg
