@@ -215,17 +215,15 @@ class _Rows:
         )
         return dict(stats=stats, counts=counts, count_w=count_w, rmax=rmax, buf=buf)
 
-
     def _run_gluon_main(self, tw: torch.Tensor, cap: int) -> dict:
-        """`run(2, tw=tw, cap=cap, count=False)` by the Gluon main pass (prob_sum, gluon_prob_sum.py);
-        the counts, stats and row max that pass leaves unwritten are returned unwritten too."""
+        """`run(2, tw=tw, cap=cap, count=False)` by the Gluon main pass (prob_sum, gluon_prob_sum.py):
+        buf and count_w only, the two a pass without counts writes (its callers read no others)."""
         dev, R = self.kv.device, self.R
         buf = torch.empty((R, _row_slots(cap, self.cfg)), dtype=torch.int64, device=dev)
         count_w = torch.empty(R, dtype=torch.int32, device=dev)
         self.gluon.main_pass_gluon(self.A.transpose(0, 1), self.kv, self.lse2, tw.contiguous(), buf, count_w,
                                    self.row_base, self.q_offset, self.scale_log2, cap)
-        return dict(stats=torch.empty(R, 4, device=dev), counts=torch.empty(R, 1, dtype=torch.int32, device=dev),
-                    count_w=count_w, rmax=torch.empty(R, device=dev), buf=buf)
+        return dict(count_w=count_w, buf=buf)
 
 
 def _first_thresholds(runner: _Rows, topk: int):
