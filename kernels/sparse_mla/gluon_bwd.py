@@ -31,8 +31,8 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia import hopper
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier
 
-from .gluon_fwd import (BLOCK_H, BLOCK_K, D_ROPE, D_V, HALF, S_LAYOUT, ROW_S, _block_rows, _load_q, _refill_half,
-                        _scores_half, _sync_warps)
+from .gluon_fwd import (BLOCK_H, BLOCK_K, D_ROPE, D_V, HALF, NV_SMEM, S_LAYOUT, ROW_S, _block_rows, _load_q,
+                        _refill_half, _scores_half, _sync_warps, _token_buffers)
 
 # dO as the register A operand of dP = dO K_nope^T (wgmma m64n64, k in steps of 16).
 DO_LAYOUT = gl.constexpr(gl.DotOperandLayout(operand_index=0, parent=S_LAYOUT.value, k_width=2))
@@ -151,26 +151,11 @@ def _sparse_mla_bwd_pds_ws_kernel(Q, KV, IDX, O, DO, LSE, P, DS, scale, scale_lo
     lse_row0 = t * stride_lt + h0
     p_row0 = r * stride_pt + h0 * stride_ph
 
-    nv: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
-    q_n = gl.allocate_shared_memory(gl.bfloat16, [BLOCK_H, D_V], nv)
-    q_r = gl.allocate_shared_memory(gl.bfloat16, [BLOCK_H, D_ROPE], nv)
-    kn = gl.allocate_shared_memory(gl.bfloat16, [2, BLOCK_K, D_V], nv)
-    kr = gl.allocate_shared_memory(gl.bfloat16, [2, BLOCK_K, D_ROPE], nv)
-    p_smem = gl.allocate_shared_memory(gl.bfloat16, [BLOCK_H, BLOCK_K], nv)
+    q_n, q_r, kn, kr, ready_l, ready_r, free_l, free_r, q_bar = _token_buffers(2)  # both warpgroups read both halves
+    p_smem = gl.allocate_shared_memory(gl.bfloat16, [BLOCK_H, BLOCK_K], NV_SMEM)
     bar: gl.constexpr = mbarrier.MBarrierLayout()
-    ready_l = gl.allocate_shared_memory(gl.int64, [2, 1], bar)
-    ready_r = gl.allocate_shared_memory(gl.int64, [2, 1], bar)
-    free_l = gl.allocate_shared_memory(gl.int64, [2, 1], bar)
-    free_r = gl.allocate_shared_memory(gl.int64, [2, 1], bar)
-    q_bar = gl.allocate_shared_memory(gl.int64, [1], bar)
     p_ready = gl.allocate_shared_memory(gl.int64, [1], bar)
     p_free = gl.allocate_shared_memory(gl.int64, [1], bar)
-    for i in gl.static_range(2):
-        mbarrier.init(ready_l.index(i), count=128)   # one cp.async arrival per producer thread
-        mbarrier.init(ready_r.index(i), count=128)
-        mbarrier.init(free_l.index(i), count=2)      # both math warpgroups read both halves
-        mbarrier.init(free_r.index(i), count=2)
-    mbarrier.init(q_bar, count=128)
     mbarrier.init(p_ready, count=1)
     mbarrier.init(p_free, count=1)
 

@@ -53,6 +53,8 @@ _NEG_BIG = gl.constexpr(-1.0e30)
 S_LAYOUT = gl.constexpr(gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, 64, 16]))
 O_LAYOUT = gl.constexpr(gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, 256, 16]))
 ROW_S = gl.constexpr(gl.SliceLayout(1, S_LAYOUT.value))
+# Shared-memory layout of every wgmma operand tile here (Q, keys, P): 128-byte swizzled bf16 rows.
+NV_SMEM = gl.constexpr(gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2))
 
 # cp.async into shared memory: `async_copy_global_to_shared` up to triton 3.6 (the device's),
 # renamed `async_load` later (3.9 raises on the old name).
@@ -288,6 +290,31 @@ def _wg1(IDX, OUT, LSE, idx_row0, out_row0, stride_oh, lse_row0, TOPK, n_pairs, 
 
 
 @gluon.jit
+def _token_buffers(FREE_COUNT: gl.constexpr):
+    """The shared memory that the forward and the backward's pass 1 both hold for one token and 64
+    heads: Q (value and rope columns), two key buffers of 64 rows in halves (L, R), each half's
+    ready barrier (one cp.async arrival per producer thread) and free barrier (FREE_COUNT reader
+    warpgroups, one arrival each), and Q's barrier."""
+    q_n = gl.allocate_shared_memory(gl.bfloat16, [BLOCK_H, D_V], NV_SMEM)
+    q_r = gl.allocate_shared_memory(gl.bfloat16, [BLOCK_H, D_ROPE], NV_SMEM)
+    kn = gl.allocate_shared_memory(gl.bfloat16, [2, BLOCK_K, D_V], NV_SMEM)
+    kr = gl.allocate_shared_memory(gl.bfloat16, [2, BLOCK_K, D_ROPE], NV_SMEM)
+    bar: gl.constexpr = mbarrier.MBarrierLayout()
+    ready_l = gl.allocate_shared_memory(gl.int64, [2, 1], bar)
+    ready_r = gl.allocate_shared_memory(gl.int64, [2, 1], bar)
+    free_l = gl.allocate_shared_memory(gl.int64, [2, 1], bar)
+    free_r = gl.allocate_shared_memory(gl.int64, [2, 1], bar)
+    q_bar = gl.allocate_shared_memory(gl.int64, [1], bar)
+    for i in gl.static_range(2):
+        mbarrier.init(ready_l.index(i), count=128)
+        mbarrier.init(ready_r.index(i), count=128)
+        mbarrier.init(free_l.index(i), count=FREE_COUNT)
+        mbarrier.init(free_r.index(i), count=FREE_COUNT)
+    mbarrier.init(q_bar, count=128)
+    return q_n, q_r, kn, kr, ready_l, ready_r, free_l, free_r, q_bar
+
+
+@gluon.jit
 def _sparse_mla_fwd_ws_kernel(Q, KV, IDX, OUT, LSE, scale_log2, H, TOPK, n_pairs,
                               stride_qt, stride_qh, stride_kv, stride_it, stride_ot, stride_oh, stride_lt):
     """One program = one token x 64 heads (head block fastest in the 1-D grid, so a token's head
@@ -301,35 +328,21 @@ def _sparse_mla_fwd_ws_kernel(Q, KV, IDX, OUT, LSE, scale_log2, H, TOPK, n_pairs
     out_row0 = t * stride_ot + h0 * stride_oh
     lse_row0 = t * stride_lt + h0
 
-    nv: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
     flat: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, order=[0])
     # 230,864 bytes of the 232,448 a block may have (227 KiB).
-    q_n = gl.allocate_shared_memory(gl.bfloat16, [BLOCK_H, D_V], nv)
-    q_r = gl.allocate_shared_memory(gl.bfloat16, [BLOCK_H, D_ROPE], nv)
-    kn = gl.allocate_shared_memory(gl.bfloat16, [2, BLOCK_K, D_V], nv)
-    kr = gl.allocate_shared_memory(gl.bfloat16, [2, BLOCK_K, D_ROPE], nv)
-    sp1 = gl.allocate_shared_memory(gl.bfloat16, [BLOCK_H, BLOCK_K], nv)
+    q_n, q_r, kn, kr, ready_l, ready_r, free_l, free_r, q_bar = _token_buffers(1)  # one reader per half
+    sp1 = gl.allocate_shared_memory(gl.bfloat16, [BLOCK_H, BLOCK_K], NV_SMEM)
     mx = gl.allocate_shared_memory(gl.float32, [2, BLOCK_H], flat)
     lbuf = gl.allocate_shared_memory(gl.float32, [2, BLOCK_H], flat)
     bar: gl.constexpr = mbarrier.MBarrierLayout()
-    ready_l = gl.allocate_shared_memory(gl.int64, [2, 1], bar)
-    ready_r = gl.allocate_shared_memory(gl.int64, [2, 1], bar)
-    free_l = gl.allocate_shared_memory(gl.int64, [2, 1], bar)
-    free_r = gl.allocate_shared_memory(gl.int64, [2, 1], bar)
     m_bar = gl.allocate_shared_memory(gl.int64, [2, 1], bar)
     p_bar = gl.allocate_shared_memory(gl.int64, [2, 1], bar)
     l_bar = gl.allocate_shared_memory(gl.int64, [2, 1], bar)
-    q_bar = gl.allocate_shared_memory(gl.int64, [1], bar)
     p1_free = gl.allocate_shared_memory(gl.int64, [1], bar)
     for i in gl.static_range(2):
-        mbarrier.init(ready_l.index(i), count=128)   # one cp.async arrival per producer thread
-        mbarrier.init(ready_r.index(i), count=128)
-        mbarrier.init(free_l.index(i), count=1)      # its one reader warpgroup (arrive: one thread)
-        mbarrier.init(free_r.index(i), count=1)
         mbarrier.init(m_bar.index(i), count=1)
         mbarrier.init(p_bar.index(i), count=1)
         mbarrier.init(l_bar.index(i), count=1)
-    mbarrier.init(q_bar, count=128)
     mbarrier.init(p1_free, count=1)
 
     math_args = (IDX, OUT, LSE, idx_row0, out_row0, stride_oh, lse_row0, TOPK, n_pairs, scale_log2,
