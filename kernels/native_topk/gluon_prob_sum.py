@@ -48,6 +48,10 @@ try:  # host-side descriptors carrying the shared-memory layout
 except ImportError:  # pragma: no cover - a Triton without Gluon's Hopper host module
     TensorDescriptor = None
 
+# The candidates' score image is the Triton pass's own helper (a @triton.jit function of
+# element-wise ops compiles inside a Gluon kernel).
+from .triton_impl import _ordered_key
+
 BM = gl.constexpr(128)   # q rows (token, head) a program
 BN = gl.constexpr(128)   # keys a tile
 DC = gl.constexpr(64)    # columns a chunk (one 128-byte swizzled row of bf16)
@@ -227,13 +231,6 @@ def _lse_ws_kernel(q_desc, kv_desc, LSE2, n_rows, q_row_base, tok0, H, L, q_offs
 
 # ---------------------------------------------------------------------------------------------
 # main pass (first try: no counts)
-
-
-@gluon.jit
-def _ordered_key(x):
-    """fp32 -> int32 that orders like the floats (as triton_impl._ordered_key)."""
-    bits = (x + 0.0).to(gl.int32, bitcast=True)
-    return gl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
 
 
 @gluon.jit
