@@ -21,10 +21,11 @@ HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 
 pytestmark = pytest.mark.skipif(not HOPPER, reason="the Gluon prob_sum passes need a Hopper GPU (no CPU interpreter)")
 
 # (T, L, H, k, row_base, q_offset): odd T and L, ragged tiles, q_offset > 0, H not a power of two
-# (lse only), 128 heads (one token a program).
+# (lse only), 32 to 128 heads (a token's rows across warps; 128: one token a program).
 SHAPES = [(37, 1031, 16, 64, 5, 0), (300, 300, 8, 64, 100, 0), (129, 3000, 128, 256, 0, 0),
           (1000, 4000, 16, 512, 100, 2500), (700, 2000, 3, 128, 64, 1000), (513, 5000, 40, 128, 1, 4000),
-          (2000, 2000, 4, 64, 100, 0), (600, 5000, 1, 512, 50, 4000), (4096, 4096, 16, 512, 1024, 0)]
+          (2000, 2000, 4, 64, 100, 0), (600, 5000, 1, 512, 50, 4000), (4096, 4096, 16, 512, 1024, 0),
+          (257, 2500, 32, 128, 3, 700), (200, 3100, 64, 256, 10, 0)]
 
 
 def _inputs(T, L, H):

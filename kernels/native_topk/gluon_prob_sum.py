@@ -25,8 +25,8 @@ exp2 epilogue while the tensor cores wait: at L 32k, H 16, 22.4 ms (440 TFLOP/s)
   scores) the other's MMAs run.
 - lse: online max and sum of exp2 per row; at the end WG1 hands its (m, l) to WG0 through shared
   memory, and WG0 merges and writes lse2.
-- main pass: p = exp2(S * scale_log2 - lse2) summed over each token's H rows (H consecutive rows of
-  one warp; H 8 or 16), then the candidate store. The two warpgroups write a row's candidates in
+- main pass: p = exp2(S * scale_log2 - lse2) summed over each token's H consecutive rows (H 8 to
+  128, powers of two: within one warp up to 16, across warps above), then the candidate store. The two warpgroups write a row's candidates in
   tile order: each waits for the other's cursors (through shared memory) before its stores.
 Rows of a program belong to consecutive tokens whose causal lengths differ by less than a tile,
 so only the last one or two tiles are masked.
@@ -56,10 +56,10 @@ BM = gl.constexpr(128)   # q rows (token, head) a program
 BN = gl.constexpr(128)   # keys a tile
 DC = gl.constexpr(64)    # columns a chunk (one 128-byte swizzled row of bf16)
 MAX_D = 576              # q's rows stay in shared memory: 128 x D x 2 bytes
-# Main pass head counts: a token's rows within one warp's 16-row slice of the scores (H <= 16), and
-# at most 16 tokens a program: fewer heads make more tokens, whose head-sum and layout-change scratch
-# no longer fits beside q and the ring (H 4: 246,016 bytes of the 232,448 a block may have).
-MAIN_HEADS = (8, 16)
+# Main pass head counts: whole tokens a program (powers of two), at most 16 of them: fewer heads make
+# more tokens, whose head-sum and layout-change scratch no longer fits beside q and the ring (H 4:
+# 246,016 bytes of the 232,448 a block may have).
+MAIN_HEADS = (8, 16, 32, 64, 128)
 _NEG_BIG = gl.constexpr(-1.0e30)  # running max start: a fully masked tile gives exp2(-inf) = 0, not NaN
 # The math warpgroups' scores [128 rows, 128 keys] fp32 (two m64 wgmma row blocks), and per-row values.
 ACC = gl.constexpr(gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, 128, 16]))
@@ -70,6 +70,8 @@ COL = gl.constexpr(gl.SliceLayout(0, ACC.value))
 TOKS = gl.constexpr(gl.BlockedLayout([1, 4], [1, 32], [4, 1], [1, 0]))
 TOK = gl.constexpr(gl.SliceLayout(1, TOKS.value))
 KEY = gl.constexpr(gl.SliceLayout(0, TOKS.value))
+# Head sums of H > 16: the eight 16-row group sums of one key in one thread [BM / 16, BN].
+GROUPS = gl.constexpr(gl.BlockedLayout([8, 1], [1, 32], [1, 4], [0, 1]))
 SMEM = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
 STAGES_DEFAULT = 4  # (5 measured slower for the lse: 13.84 against 12.98 ms at L 32k)
 
@@ -239,6 +241,19 @@ def _add(a, b):
 
 
 @gluon.jit
+def _head_sum(p, TPB: gl.constexpr, H: gl.constexpr):
+    """Per-token sums [TPB, BN] (TOKS) of the probabilities p [BM, BN] (ACC) over each token's H rows."""
+    if H <= 16:  # a token's rows lie in one warp's 16-row slice: lane shuffles only
+        tot = gl.convert_layout(gl.sum(gl.reshape(p, [TPB, H, BN]), axis=1), TOKS)
+    else:
+        # A token spans warps: sum each warp's 16-row groups [BM / 16, BN], move them (8 KiB) so that
+        # one thread holds all groups of its key, then add each token's groups in registers.
+        groups = gl.convert_layout(gl.sum(gl.reshape(p, [BM // 16, 16, BN]), axis=1), GROUPS)
+        tot = gl.convert_layout(gl.sum(gl.reshape(groups, [TPB, H // 16, BN]), axis=1), TOKS)
+    return tot
+
+
+@gluon.jit
 def _main_math(W: gl.constexpr, q_s, k_s, ready, free, q_bar, cur_s, turn, LSE2, TW, BUF, CNT_W, n_rows, r0, tok0,
                L, q_offset, scale_log2, cap, stride_buf, n_tiles, n_min):
     """Math warpgroup W: tiles W, W + 2, ...; each tile's per-token score sums and candidate stores."""
@@ -257,7 +272,7 @@ def _main_math(W: gl.constexpr, q_s, k_s, ready, free, q_bar, cur_s, turn, LSE2,
     for t in range(W, n_tiles, 2):
         acc, bits = _tile_scores(W, t, bits, q_s, k_s, ready, free)
         p = gl.exp2(acc * scale_log2 - lse2[:, None])
-        tot = gl.convert_layout(gl.sum(gl.reshape(p, [TPB, H, BN]), axis=1), TOKS)
+        tot = _head_sum(p, TPB, H)
         keys = t * BN + gl.arange(0, BN, layout=KEY)
         if (t + 1) * BN > n_min:  # a tile past some token's last causal key
             tot = gl.where(keys[None, :] < n_tok[:, None], tot, float("-inf"))
@@ -330,8 +345,8 @@ def gluon_prob_sum_supported(q: torch.Tensor, kv: torch.Tensor) -> bool:
 
 
 def main_pass_supported(heads: int, bn: int) -> bool:
-    """Whether `main_pass_gluon` takes this head count (whole tokens in a program, within one warp's
-    row slice) for the driver's buffers of cap + bn slots a row (its spare slots must cover a tile)."""
+    """Whether `main_pass_gluon` takes this head count (whole tokens in a program of 128 rows, at
+    most 16 of them) for the driver's buffers of cap + bn slots a row (its spare slots must cover a tile)."""
     return heads in MAIN_HEADS and bn >= BN.value
 
 

@@ -3,7 +3,7 @@
 For the rows with more than k causal keys (the others take every causal key):
 1. prob_sum only: per-head log-sum-exp over the causal keys (`_lse_kernel`; on Hopper, for bf16
    q and kv, the Gluon kernel of gluon_prob_sum.py, which also takes the first main pass of step 3
-   for 8 or 16 heads: `gluon_prob_sum_for`).
+   for 8 to 128 heads, powers of two: `gluon_prob_sum_for`).
 2. Sample passes: mean/std/max over every `STATS_STEP`-th key, then counts over every
    `SAMPLE_STEP`-th key at a `SAMPLE_GRID`-point grid (points around the quantile k would sit at
    for normal scores, and points between the mean and the max). Scaled to the full row, the counts
