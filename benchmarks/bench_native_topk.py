@@ -5,7 +5,8 @@
     python benchmarks/bench_native_topk.py --modes prob_sum --seqlens 32768
 
 T = L queries of one causal sequence (every row of a training sequence), D = 576, bf16 inputs.
-Baseline, per block of `--baseline-rows` query rows (only the causal key prefix of the block):
+Baseline, per block of query rows (only the causal key prefix of the block): `--baseline-rows` rows
+for logit_sum, `--baseline-rows // H` for prob_sum (the same number of (row, head) score rows a block):
 logit_sum: (sum_h q) in bf16 @ kv^T on cuBLAS, fp32 scores, causal mask, torch.topk;
 prob_sum: per-head logits (bf16 GEMM), fp32 softmax, sum over heads, torch.topk.
 Both sides score with the same bf16 sum_h q (the reference's rounding; kernels/native_topk/
@@ -69,7 +70,8 @@ def main() -> None:
     p.add_argument("--heads", type=int, default=16)
     p.add_argument("--modes", nargs="+", default=["logit_sum"], choices=["logit_sum", "prob_sum"])
     p.add_argument("--reps", type=int, default=3)
-    p.add_argument("--baseline-rows", type=int, default=4096)
+    p.add_argument("--baseline-rows", type=int, default=4096,
+                   help="query rows a baseline block (prob_sum: this many (row, head) pairs, i.e. // H rows)")
     p.add_argument("--out-dir", default=RESULTS_DIR)
     p.add_argument("--tag", default="", help="added to the result file's name")
     opts = p.parse_args()
