@@ -71,7 +71,7 @@ def main() -> None:
     p.add_argument("--modes", nargs="+", default=["logit_sum"], choices=["logit_sum", "prob_sum"])
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--baseline-rows", type=int, default=4096,
-                   help="query rows a baseline block (prob_sum: this many (row, head) pairs, i.e. // H rows)")
+                   help="query rows per baseline block; for prob_sum, (row, head) pairs per block (this // H rows)")
     p.add_argument("--out-dir", default=RESULTS_DIR)
     p.add_argument("--tag", default="", help="added to the result file's name")
     opts = p.parse_args()
