@@ -26,8 +26,9 @@ exp2 epilogue while the tensor cores wait: at L 32k, H 16, 22.4 ms (440 TFLOP/s)
 - lse: online max and sum of exp2 per row; at the end WG1 hands its (m, l) to WG0 through shared
   memory, and WG0 merges and writes lse2.
 - main pass: p = exp2(S * scale_log2 - lse2) summed over each token's H consecutive rows (H 8 to
-  128, powers of two: within one warp up to 16, across warps above), then the candidate store. The two warpgroups write a row's candidates in
-  tile order: each waits for the other's cursors (through shared memory) before its stores.
+  128, powers of two: within one warp up to 16, across warps above), then the candidate store.
+  The two warpgroups write a row's candidates in tile order: each waits for the other's cursors
+  (through shared memory) before its stores.
 Rows of a program belong to consecutive tokens whose causal lengths differ by less than a tile,
 so only the last one or two tiles are masked.
 
@@ -246,7 +247,7 @@ def _head_sum(p, TPB: gl.constexpr, H: gl.constexpr):
     if H <= 16:  # a token's rows lie in one warp's 16-row slice: lane shuffles only
         tot = gl.convert_layout(gl.sum(gl.reshape(p, [TPB, H, BN]), axis=1), TOKS)
     else:
-        # A token spans warps: sum each warp's 16-row groups [BM / 16, BN], move them (8 KiB) so that
+        # A token spans warps: sum each warp's 16-row groups [BM / 16, BN], move them (4 KiB) so that
         # one thread holds all groups of its key, then add each token's groups in registers.
         groups = gl.convert_layout(gl.sum(gl.reshape(p, [BM // 16, 16, BN]), axis=1), GROUPS)
         tot = gl.convert_layout(gl.sum(gl.reshape(groups, [TPB, H // 16, BN]), axis=1), TOKS)
@@ -310,8 +311,9 @@ def _main_math1(q_s, k_s, ready, free, q_bar, cur_s, turn, LSE2, TW, BUF, CNT_W,
 @gluon.jit
 def _main_ws_kernel(q_desc, kv_desc, LSE2, TW, BUF, CNT_W, n_rows, q_row_base, tok0, L, q_offset, scale_log2, cap,
                     stride_buf, H: gl.constexpr, NC: gl.constexpr, STAGES: gl.constexpr):
-    """One program = 128 rows of q viewed [T * H, D] (128 / H whole tokens; H in MAIN_HEADS): rows r0 .. r0 + 127 of this call, token slots r0 / H .. (TW, CNT_W [slots],
-    BUF [slots, cap + BN] int64, LSE2 [n_rows])."""
+    """One program = 128 rows of q viewed [T * H, D] (128 / H whole tokens; H in MAIN_HEADS): rows
+    r0 .. r0 + 127 of this call, token slots r0 / H .. (TW, CNT_W [slots], BUF [slots, cap + BN]
+    int64, LSE2 [n_rows])."""
     r0, n_tiles, n_min = _block_bounds(n_rows, tok0, H, L, q_offset)
     q_s, k_s, ready, free, q_bar = _ring(q_desc, kv_desc, NC, STAGES)
     TPB: gl.constexpr = BM // H
@@ -340,7 +342,8 @@ def gluon_prob_sum_supported(q: torch.Tensor, kv: torch.Tensor) -> bool:
     D = kv.shape[-1]
     return (TensorDescriptor is not None and q.is_cuda and q.dtype == torch.bfloat16 and kv.dtype == torch.bfloat16
             and q.is_contiguous() and kv.is_contiguous() and D % DC.value == 0 and D <= MAX_D
-            and BM.value <= q.shape[0] * q.shape[1] < 2**31 and kv.shape[0] >= BN.value and q.data_ptr() % 16 == 0 and kv.data_ptr() % 16 == 0
+            and BM.value <= q.shape[0] * q.shape[1] < 2**31 and kv.shape[0] >= BN.value
+            and q.data_ptr() % 16 == 0 and kv.data_ptr() % 16 == 0
             and torch.cuda.get_device_capability(q.device)[0] == 9)
 
 
