@@ -75,9 +75,10 @@ KEY = gl.constexpr(gl.SliceLayout(0, TOKS.value))
 GROUPS = gl.constexpr(gl.BlockedLayout([8, 1], [1, 32], [1, 4], [0, 1]))
 SMEM = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
 STAGES_DEFAULT = 4  # (5 measured slower for the lse: 13.84 against 12.98 ms at L 32k)
-# Registers a thread of each math warpgroup of the main pass (the loader keeps the rest of 168 x 384).
-# 240 cuts H 128's spills from 500 to 412 bytes (compiled only, not timed); 248 starves the loader.
-MAIN_MATH_REGS = 232
+# Registers a thread of each math warpgroup of either pass (the loader keeps the rest of 168 x 384).
+# The main pass takes another count as a parameter: 240 cuts H 128's spills from 500 to 412 bytes
+# (compiled only, not timed); 248 starves the loader.
+MATH_REGS = gl.constexpr(232)
 
 # TMA load into shared memory: `async_copy_global_to_shared` up to triton 3.6 (the device's),
 # `async_load` later (where the old name raises).
@@ -232,7 +233,7 @@ def _lse_ws_kernel(q_desc, kv_desc, LSE2, n_rows, q_row_base, tok0, H, L, q_offs
     gl.warp_specialize(
         [(_loader, (q_desc, kv_desc, q_s, k_s, ready, free, q_bar, (q_row_base + r0).to(gl.int32), n_tiles)),
          (_lse_math0, math_args), (_lse_math1, math_args)],
-        [4, 4], [232, 232])
+        [4, 4], [MATH_REGS, MATH_REGS])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -313,7 +314,7 @@ def _main_math1(q_s, k_s, ready, free, q_bar, cur_s, turn, LSE2, TW, BUF, CNT_W,
 
 @gluon.jit
 def _main_ws_kernel(q_desc, kv_desc, LSE2, TW, BUF, CNT_W, n_rows, q_row_base, tok0, L, q_offset, scale_log2, cap,
-                    stride_buf, H: gl.constexpr, NC: gl.constexpr, STAGES: gl.constexpr, MATH_REGS: gl.constexpr):
+                    stride_buf, H: gl.constexpr, NC: gl.constexpr, STAGES: gl.constexpr, REGS: gl.constexpr):
     """One program = 128 rows of q viewed [T * H, D] (128 / H whole tokens; H in MAIN_HEADS): rows
     r0 .. r0 + 127 of this call, token slots r0 / H .. (TW, CNT_W [slots], BUF [slots, cap + BN]
     int64, LSE2 [n_rows])."""
@@ -330,7 +331,7 @@ def _main_ws_kernel(q_desc, kv_desc, LSE2, TW, BUF, CNT_W, n_rows, q_row_base, t
     gl.warp_specialize(
         [(_loader, (q_desc, kv_desc, q_s, k_s, ready, free, q_bar, (q_row_base + r0).to(gl.int32), n_tiles)),
          (_main_math0, math_args), (_main_math1, math_args)],
-        [4, 4], [MATH_REGS, MATH_REGS])
+        [4, 4], [REGS, REGS])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -381,7 +382,7 @@ def lse2_gluon(q: torch.Tensor, kv: torch.Tensor, row_base: int, n_tokens: int, 
 
 def main_pass_gluon(q: torch.Tensor, kv: torch.Tensor, lse2: torch.Tensor, tw: torch.Tensor, buf: torch.Tensor,
                     count_w: torch.Tensor, row_base: int, q_offset: int, scale_log2: float, cap: int,
-                    stages: int = STAGES_DEFAULT, math_regs: int = MAIN_MATH_REGS) -> None:
+                    stages: int = STAGES_DEFAULT, math_regs: int = MATH_REGS.value) -> None:
     """The first main pass over tokens row_base .. row_base + R - 1 (R = tw.numel()) of q [T, H, D]:
     lse2 [R, H] fp32, tw [R] fp32 -> buf [R, >= cap + 128] int64 candidates, count_w [R] int32
     (the driver's `_Rows.run(2, count=False)` contract)."""
@@ -394,4 +395,4 @@ def main_pass_gluon(q: torch.Tensor, kv: torch.Tensor, lse2: torch.Tensor, tw: t
     n_rows = R * H
     _main_ws_kernel[(triton.cdiv(n_rows, BM.value),)](
         q_desc, kv_desc, lse2, tw, buf, count_w, n_rows, row_base * H, row_base, kv.shape[0], q_offset, scale_log2,
-        cap, buf.stride(0), H=H, NC=D // DC.value, STAGES=stages, MATH_REGS=math_regs, num_warps=4)
+        cap, buf.stride(0), H=H, NC=D // DC.value, STAGES=stages, REGS=math_regs, num_warps=4)
