@@ -75,9 +75,8 @@ KEY = gl.constexpr(gl.SliceLayout(0, TOKS.value))
 GROUPS = gl.constexpr(gl.BlockedLayout([8, 1], [1, 32], [1, 4], [0, 1]))
 SMEM = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
 STAGES_DEFAULT = 4  # (5 measured slower for the lse: 13.84 against 12.98 ms at L 32k)
-# Registers a thread of each math warpgroup of either pass (the loader keeps the rest of 168 x 384).
-# The main pass takes another count as a parameter: 240 cuts H 128's spills from 500 to 412 bytes
-# (compiled only, not timed); 248 starves the loader.
+# Registers a thread of each math warpgroup of either pass (the loader keeps the rest of 168 x 384;
+# 240 was timed no faster, 248 starves the loader).
 MATH_REGS = gl.constexpr(232)
 
 # TMA load into shared memory: `async_copy_global_to_shared` up to triton 3.6 (the device's),
@@ -112,19 +111,22 @@ def _tile_scores(W: gl.constexpr, t, bits, q_s, k_s, ready, free):
     freed once the MMA after it is issued (wgmma wait 1). bits: bit s is the parity of this
     warpgroup's next wait on buffer s's ready barrier. Each warpgroup has its own ready barriers
     (ready[W * STAGES + s]): a shared one would complete once for every tile, and a warpgroup
-    waiting for its chunk two tiles ahead would pass on the parity of a chunk not its own."""
+    waiting for its chunk two tiles ahead would pass on the parity of a chunk not its own.
+    The chunks are a loop, not `static_range`: unrolled, the q chunks' 72 wgmma descriptors are
+    loop-invariant, get hoisted out of the tile loop and spilled (500 bytes a thread at H 128,
+    reloaded from L2 inside the MMAs: NOTES, thirteenth round); in a loop they are a few uniform
+    integer ops a chunk."""
     NC: gl.constexpr = q_s.shape[0]
     STAGES: gl.constexpr = k_s.shape[0]
     acc = gl.zeros([BM, BN], gl.float32, ACC)
-    for c in gl.static_range(NC):
+    for c in range(NC):
         i = t * NC + c
         s = i % STAGES
         mbarrier.wait(ready.index(W * STAGES + s), (bits >> s) & 1)
         bits ^= 1 << s
         acc = hopper.warpgroup_mma(q_s.index(c), k_s.index(s).permute((1, 0)), acc, use_acc=c > 0, is_async=True)
-        if c > 0:  # the previous chunk's MMA is done: its buffer can be refilled
-            acc = hopper.warpgroup_mma_wait(1, deps=[acc])
-            mbarrier.arrive(free.index((i - 1) % STAGES))
+        acc = hopper.warpgroup_mma_wait(1, deps=[acc])  # the previous chunk's MMA is done: refill its buffer
+        mbarrier.arrive(free.index((i + STAGES - 1) % STAGES), pred=c > 0)
     acc = hopper.warpgroup_mma_wait(0, deps=[acc])
     mbarrier.arrive(free.index((t * NC + NC - 1) % STAGES))
     return acc, bits
@@ -314,7 +316,7 @@ def _main_math1(q_s, k_s, ready, free, q_bar, cur_s, turn, LSE2, TW, BUF, CNT_W,
 
 @gluon.jit
 def _main_ws_kernel(q_desc, kv_desc, LSE2, TW, BUF, CNT_W, n_rows, q_row_base, tok0, L, q_offset, scale_log2, cap,
-                    stride_buf, H: gl.constexpr, NC: gl.constexpr, STAGES: gl.constexpr, REGS: gl.constexpr):
+                    stride_buf, H: gl.constexpr, NC: gl.constexpr, STAGES: gl.constexpr):
     """One program = 128 rows of q viewed [T * H, D] (128 / H whole tokens; H in MAIN_HEADS): rows
     r0 .. r0 + 127 of this call, token slots r0 / H .. (TW, CNT_W [slots], BUF [slots, cap + BN]
     int64, LSE2 [n_rows])."""
@@ -331,7 +333,7 @@ def _main_ws_kernel(q_desc, kv_desc, LSE2, TW, BUF, CNT_W, n_rows, q_row_base, t
     gl.warp_specialize(
         [(_loader, (q_desc, kv_desc, q_s, k_s, ready, free, q_bar, (q_row_base + r0).to(gl.int32), n_tiles)),
          (_main_math0, math_args), (_main_math1, math_args)],
-        [4, 4], [REGS, REGS])
+        [4, 4], [MATH_REGS, MATH_REGS])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -382,7 +384,7 @@ def lse2_gluon(q: torch.Tensor, kv: torch.Tensor, row_base: int, n_tokens: int, 
 
 def main_pass_gluon(q: torch.Tensor, kv: torch.Tensor, lse2: torch.Tensor, tw: torch.Tensor, buf: torch.Tensor,
                     count_w: torch.Tensor, row_base: int, q_offset: int, scale_log2: float, cap: int,
-                    stages: int = STAGES_DEFAULT, math_regs: int = MATH_REGS.value) -> None:
+                    stages: int = STAGES_DEFAULT) -> None:
     """The first main pass over tokens row_base .. row_base + R - 1 (R = tw.numel()) of q [T, H, D]:
     lse2 [R, H] fp32, tw [R] fp32 -> buf [R, >= cap + 128] int64 candidates, count_w [R] int32
     (the driver's `_Rows.run(2, count=False)` contract)."""
@@ -395,4 +397,4 @@ def main_pass_gluon(q: torch.Tensor, kv: torch.Tensor, lse2: torch.Tensor, tw: t
     n_rows = R * H
     _main_ws_kernel[(triton.cdiv(n_rows, BM.value),)](
         q_desc, kv_desc, lse2, tw, buf, count_w, n_rows, row_base * H, row_base, kv.shape[0], q_offset, scale_log2,
-        cap, buf.stride(0), H=H, NC=D // DC.value, STAGES=stages, REGS=math_regs, num_warps=4)
+        cap, buf.stride(0), H=H, NC=D // DC.value, STAGES=stages, num_warps=4)
