@@ -42,12 +42,14 @@ import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia import hopper
-from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma
+from triton.experimental.gluon.language.nvidia.hopper import mbarrier
 
 try:  # host-side descriptors carrying the shared-memory layout
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 except ImportError:  # pragma: no cover - a Triton without Gluon's Hopper host module
     TensorDescriptor = None
+
+from kernels.gluon_compat import sync_warps as _sync_warps, tma_load as _tma_load
 
 # The candidates' score image is the Triton pass's own helper (a @triton.jit function of
 # element-wise ops compiles inside a Gluon kernel).
@@ -79,10 +81,6 @@ STAGES_DEFAULT = 4  # (5 measured slower for the lse: 13.84 against 12.98 ms at 
 # 240 was timed no faster, 248 starves the loader).
 MATH_REGS = gl.constexpr(232)
 
-# TMA load into shared memory: `async_copy_global_to_shared` up to triton 3.6 (the device's),
-# `async_load` later (where the old name raises).
-_tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
-_sync_warps = getattr(gl, "thread_barrier", None) or gl.barrier
 
 
 @gluon.jit

@@ -41,6 +41,8 @@ from triton.experimental.gluon.language.nvidia import hopper
 from triton.experimental.gluon.language.nvidia.ampere import async_copy
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier
 
+from kernels.gluon_compat import cp_async as _cp_async, sync_warps as _sync_warps
+
 # Shapes as constexpr for the kernels; the host code reads their .value.
 BLOCK_H = gl.constexpr(64)   # heads per program (one wgmma M)
 BLOCK_K = gl.constexpr(64)   # keys per block
@@ -56,11 +58,6 @@ ROW_S = gl.constexpr(gl.SliceLayout(1, S_LAYOUT.value))
 # Shared-memory layout of every wgmma operand tile here (Q, keys, P): 128-byte swizzled bf16 rows.
 NV_SMEM = gl.constexpr(gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2))
 
-# cp.async into shared memory: `async_copy_global_to_shared` up to triton 3.6 (the device's),
-# renamed `async_load` later (3.9 raises on the old name).
-_cp_async = getattr(async_copy, "async_load", None) or async_copy.async_copy_global_to_shared
-# A barrier among the calling partition's warps: `thread_barrier` up to 3.6, `barrier` later.
-_sync_warps = getattr(gl, "thread_barrier", None) or gl.barrier
 
 
 @gluon.jit
