@@ -111,9 +111,9 @@ def _tile_scores(W: gl.constexpr, t, bits, q_s, k_s, ready, free):
     (ready[W * STAGES + s]): a shared one would complete once for every tile, and a warpgroup
     waiting for its chunk two tiles ahead would pass on the parity of a chunk not its own.
     The chunks are a loop, not `static_range`: unrolled, the q chunks' 72 wgmma descriptors are
-    loop-invariant, get hoisted out of the tile loop and spilled (500 bytes a thread at H 128,
-    reloaded from L2 inside the MMAs: NOTES, thirteenth round); in a loop they are a few uniform
-    integer ops a chunk."""
+    loop-invariant, get hoisted out of the tile loop and, with triton 3.6, spilled (500 bytes a
+    thread at H 128, reloaded from L2 inside the MMAs: NOTES, thirteenth round); in a loop they are
+    a few uniform integer ops a chunk."""
     NC: gl.constexpr = q_s.shape[0]
     STAGES: gl.constexpr = k_s.shape[0]
     acc = gl.zeros([BM, BN], gl.float32, ACC)
