@@ -10,7 +10,8 @@ Dense side: MLA's non-absorbed shapes, q/k [1, H, L, 192] (128 nope + 64 rope), 
 Both are the attention core only (no projections). Where all of q, dq, out and dout for L rows do
 not fit beside the rest (H = 128 beyond 32k on an 80 GB card), queries run in blocks of
 --block-rows, each block's queries a leaf tensor of their own: every query's work is independent
-of the others', so the time is the same work, and dkv accumulates across blocks. Times: CUDA events, median of --reps after one warm-up.
+of the others', so the time is the same work, and dkv accumulates across blocks. Times: CUDA
+events, median of --reps after one warm-up.
 Writes benchmarks/results/sparse_attention-<device>.json (op sparse_layer_fwdbwd).
 """
 

@@ -31,8 +31,10 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia import hopper
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier
 
+from kernels.gluon_compat import sync_warps as _sync_warps
+
 from .gluon_fwd import (BLOCK_H, BLOCK_K, HALF, NV_SMEM, S_LAYOUT, ROW_S, _block_rows, _load_q, _refill_half,
-                        _scores_half, _sync_warps, _token_buffers)
+                        _scores_half, _token_buffers)
 
 # dO as the register A operand of dP = dO K_nope^T (wgmma m64n64, k in steps of 16).
 DO_LAYOUT = gl.constexpr(gl.DotOperandLayout(operand_index=0, parent=S_LAYOUT.value, k_width=2))

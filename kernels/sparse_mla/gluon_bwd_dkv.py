@@ -35,7 +35,9 @@ from triton.experimental.gluon.language.nvidia import hopper
 from triton.experimental.gluon.language.nvidia.ampere import async_copy
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier
 
-from .gluon_fwd import BLOCK_K, D_V, _cp_async, _sync_warps
+from kernels.gluon_compat import cp_async as _cp_async, reinterpret as _reinterpret, sync_warps as _sync_warps
+
+from .gluon_fwd import BLOCK_K, D_V
 
 # Head counts it takes (at the Gluon forward's other shapes): the q and dO slabs of all heads live
 # in shared memory.
@@ -50,18 +52,6 @@ ACC = gl.constexpr(gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1
 ADD = gl.constexpr(gl.BlockedLayout([8, 4], [2, 16], [4, 1], [1, 0]))
 NBUF = gl.constexpr(4)      # P/dS buffers (blocks in flight: two computing, two loading)
 STAGE = gl.constexpr(gl.SwizzledSharedLayout(4, 1, 8, order=[1, 0]))
-
-
-# A shared buffer's bytes under another type and shape: `_reinterpret` up to triton 3.6 (the
-# device's), `reinterpret` later (3.9 has no `_reinterpret`).
-if hasattr(gl.shared_memory_descriptor, "reinterpret"):
-    @gluon.jit
-    def _reinterpret(buf, dtype: gl.constexpr, shape: gl.constexpr, layout: gl.constexpr):
-        return buf.reinterpret(dtype, shape, layout)
-else:
-    @gluon.jit
-    def _reinterpret(buf, dtype: gl.constexpr, shape: gl.constexpr, layout: gl.constexpr):
-        return buf._reinterpret(dtype, shape, layout)
 
 
 @gluon.jit
