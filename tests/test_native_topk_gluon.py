@@ -8,12 +8,14 @@ checked against the reference by test_native_topk_triton.py's prob_sum cases on 
   pass's (same keys, ascending, same count) except keys whose score lies within 1e-5 x H of the
   threshold (the two sum the heads' probabilities in different orders); the scores of the common
   keys agree within 1e-5 relative.
+- sample passes (gluon_sample.py): see test_gluon_sample_passes_match_triton.
 """
 
 import pytest
 import torch
 
 import kernels.native_topk.streaming as streaming
+from kernels.native_topk import gluon_sample
 from kernels.native_topk.gluon_prob_sum import main_pass_supported
 from tests.conftest import fresh_seed
 
@@ -110,3 +112,63 @@ def test_gluon_main_pass_matches_triton(shape):
             s = gd.get(key, wd.get(key))
             assert abs(s - float(tw[r])) <= tol, f"row {r}: key {key} (score {s}) differs, threshold {float(tw[r])}"
     assert swapped <= max(1, tw.numel() // 100), f"{swapped} rows differ near their threshold"
+
+
+def _sampled_scores_fp32(q, kv, lse2, scale_log2, toks, q_offset, key_step):
+    """prob_sum scores [R, n sampled keys] of keys 0, key_step, 2 key_step, ... in fp32 torch, with the
+    runner's lse2 [R, H]; keys past a token's causal bound are -inf."""
+    keys = torch.arange(0, kv.shape[0], key_step, device="cuda")
+    out = []
+    for s in range(0, toks.numel(), 128):
+        t = toks[s : s + 128]
+        x = torch.einsum("thd,ld->thl", q[t].float(), kv[keys].float()) * scale_log2
+        score = torch.exp2(x - lse2[s : s + 128, :, None]).sum(1)
+        n = (t + q_offset + 1).clamp(max=kv.shape[0])
+        out.append(score.masked_fill(keys[None, :] >= n[:, None], float("-inf")))
+    return torch.cat(out)
+
+
+SAMPLE_SHAPES = [s for s in SHAPES if s[2] in gluon_sample.SAMPLE_HEADS] + [(2000, 9000, 16, 2048, 100, 5000)]
+
+
+@pytest.mark.parametrize("shape", SAMPLE_SHAPES, ids=lambda s: "T{}-L{}-H{}-k{}-base{}-off{}".format(*s))
+def test_gluon_sample_passes_match_triton(shape):
+    """Gluon sample passes (gluon_sample.py) against the Triton ones with the same lse2.
+    - stats: sample sizes equal; sums, sums of squares and max within 1e-5 relative;
+    - counts at the same thresholds: a count may differ from the Triton pass's only by keys whose
+      fp32 score lies within 1e-5 x H of that threshold (the passes sum the heads in different
+      orders; the grid's top threshold is often a sampled score itself);
+    - the thresholds the driver gets from these passes select the same top-k as with the Triton
+      passes (the whole op, both ways)."""
+    T, L, H, k, row_base, q_offset = shape
+    q, kv, scale = _inputs(T, L, H)
+    r = _runner(q, kv, scale, row_base, q_offset, True)
+    qa = r.A.transpose(0, 1)
+    step0 = min(streaming.STATS_STEP, max(streaming.SAMPLE_STEP, k // 32))
+    target = streaming.TARGET * k
+    grid = torch.empty(r.R, streaming.SAMPLE_GRID, device="cuda")
+    std = torch.empty(r.R, device="cuda")
+    ref = r.run(0, key_step=step0, aim=(target, grid, std))["stats"]
+    got = gluon_sample.sample_pass_gluon(qa, kv, r.lse2, row_base, r.R, q_offset, r.scale_log2, step0)
+    assert torch.equal(got[:, 0], ref[:, 0])
+    for c in (1, 2, 3):
+        assert ((got[:, c] - ref[:, c]).abs() <= 1e-5 * ref[:, c].abs()).all(), c
+
+    ref_c = r.run(1, key_step=streaming.SAMPLE_STEP, th=grid)["counts"]
+    cnt, _ = gluon_sample.sample_pass_gluon(qa, kv, r.lse2, row_base, r.R, q_offset, r.scale_log2,
+                                            streaming.SAMPLE_STEP, th=grid)
+    assert cnt.shape == ref_c.shape and cnt.dtype == ref_c.dtype
+    diff = (cnt - ref_c).abs()
+    toks = torch.arange(row_base, T, device="cuda")
+    scores = _sampled_scores_fp32(q, kv, r.lse2.reshape(r.R, H), r.scale_log2, toks, q_offset, streaming.SAMPLE_STEP)
+    near = ((scores[:, None, :] - grid[:, :, None]).abs() <= 1e-5 * H).sum(2)  # [R, J]
+    bad = diff > near
+    assert not bad.any(), f"{int(bad.sum())} counts differ by more than their near-threshold keys"
+
+    streaming.GLUON_SAMPLE = False
+    try:
+        want = streaming.native_topk_triton(q, kv, k, "prob_sum", scale, q_offset=q_offset)
+    finally:
+        streaming.GLUON_SAMPLE = True
+    have = streaming.native_topk_triton(q, kv, k, "prob_sum", scale, q_offset=q_offset)
+    assert torch.equal(torch.sort(have, 1).values, torch.sort(want, 1).values)

@@ -254,6 +254,53 @@ def test_threshold_arithmetic_matches_torch():
     assert close(tw, tw_t, std_t)
 
 
+def test_sample_aim_kernel_matches_the_pass_epilogues():
+    """gluon_sample's `_sample_aim_kernel` (Triton; it finishes the Gluon sample passes) turns the
+    Triton sample passes' own raw stats and counts into the same grid, std, main grid and write
+    threshold as those passes' epilogues (the same `_sample_grid` / `_aim` code): bit for bit under
+    the interpreter; on the GPU within the fp32 rounding that compiling the code into another kernel
+    may change (fused multiply-adds), the tolerance of test_threshold_arithmetic_matches_torch.
+    Measured on an H100: 136 of 3200 grid values 1 ulp apart (at most 1.5e-8); std, main grid and
+    write threshold identical."""
+    import triton
+
+    from kernels.native_topk import gluon_sample
+
+    T, L, H, D, k, row_base = 300, 300, 4, 64, 64, 100
+    gen = torch.Generator().manual_seed(fresh_seed())
+    q, kv = torch.randn(T, H, D, generator=gen).to(DEVICE), torch.randn(L, D, generator=gen).to(DEVICE)
+    cfg = streaming.default_config("prob_sum", kv.dtype)
+    A = streaming._operand(q, kv, "prob_sum", streaming._d_pad(D, cfg))
+    rows = torch.arange(row_base, T, dtype=torch.int32, device=DEVICE)
+    r = streaming._Rows(A, kv, rows, 0, D**-0.5, "prob_sum", cfg, row_base=row_base)
+    R, G, target = r.R, streaming.SAMPLE_GRID, streaming.TARGET * k
+    step0 = min(streaming.STATS_STEP, max(streaming.SAMPLE_STEP, k // 32))
+    blocks = (triton.cdiv(R, 64),)
+    new = lambda *shape: torch.full(shape, float("nan"), device=DEVICE)
+
+    grid, std = new(R, G), new(R)
+    stats = r.run(0, key_step=step0, aim=(target, grid, std))["stats"]
+    grid2, std2 = new(R, G), new(R)
+    gluon_sample._sample_aim_kernel[blocks](stats, stats, stats, grid2, std2, R, L, 0, row_base, step0,
+                                            float(target), COUNTS=False, J_=G, GRID=G, BLOCK=64)
+    def same(got, want, spread):
+        if DEVICE == "cpu":
+            return torch.equal(got, want)
+        return bool(torch.all((got - want).abs() <= 1e-4 * spread + 1e-5 * want.abs() + 1e-6))
+
+    assert same(std2, std, 0.0), (std2 - std).abs().max().item()
+    assert same(grid2, grid, std[:, None]), (grid2 - grid).abs().max().item()
+
+    main, tw = new(R, streaming.MAIN_GRID), new(R)
+    counts = r.run(1, key_step=streaming.SAMPLE_STEP, th=grid, aim=(target, main, tw))["counts"]
+    main2, tw2 = new(R, streaming.MAIN_GRID), new(R)
+    gluon_sample._sample_aim_kernel[blocks](stats, counts, grid, main2, tw2, R, L, 0, row_base,
+                                            streaming.SAMPLE_STEP, float(target), COUNTS=True, J_=G,
+                                            GRID=streaming.MAIN_GRID, BLOCK=64)
+    assert torch.isfinite(main2).all() and same(main2, main, std[:, None]), (main2 - main).abs().max().item()
+    assert same(tw2, tw, std), (tw2 - tw).abs().max().item()
+
+
 def test_all_scores_tied_falls_back_exactly():
     """Every key scores the same: more than cap - k ties, resolved by the reference, lowest keys win."""
     T, L, k = 40, 40, 6

@@ -59,6 +59,9 @@ BUFFER_BYTES = 1 << 31
 # prob_sum's log-sum-exp and first main pass by the Gluon kernels (gluon_prob_sum.py) where they
 # take the inputs; False forces the Triton kernels (tests and benchmarks compare the two).
 GLUON_PROB_SUM = True
+# prob_sum's sample passes by the Gluon kernels (gluon_sample.py) where the Gluon passes run and H is in
+# gluon_sample.SAMPLE_HEADS; False keeps the Triton sample passes (tests compare the two).
+GLUON_SAMPLE = True
 
 # Rows that needed main pass number i (key i) or went to the reference ("reference": few rows
 # missing the first pass, or unresolved after MAX_TRIES), since import; benchmarks print it to
@@ -232,9 +235,16 @@ def _first_thresholds(runner: _Rows, topk: int):
     the sample passes' epilogues (triton_impl: `_sample_grid`, then `_aim`), so the host queues
     two launches and no small ops."""
     R, dev, target = runner.R, runner.kv.device, TARGET * topk
-    grid, std = torch.empty(R, SAMPLE_GRID, device=dev), torch.empty(R, device=dev)
     # Every row has more than topk keys, so this step samples at least 32 keys of each.
-    runner.run(0, key_step=min(STATS_STEP, max(SAMPLE_STEP, topk // 32)), aim=(target, grid, std))
+    stats_step = min(STATS_STEP, max(SAMPLE_STEP, topk // 32))
+    if GLUON_SAMPLE and runner.gluon is not None:
+        from . import gluon_sample
+        if runner.P in gluon_sample.SAMPLE_HEADS:
+            return gluon_sample.first_thresholds_gluon(
+                runner.A.transpose(0, 1), runner.kv, runner.lse2, runner.row_base, R, runner.q_offset,
+                runner.scale_log2, topk, target, stats_step, SAMPLE_STEP, SAMPLE_GRID)
+    grid, std = torch.empty(R, SAMPLE_GRID, device=dev), torch.empty(R, device=dev)
+    runner.run(0, key_step=stats_step, aim=(target, grid, std))
     main, tw = torch.empty(R, MAIN_GRID, device=dev), torch.empty(R, device=dev)
     runner.run(1, key_step=SAMPLE_STEP, th=grid, aim=(target, main, tw))
     return main, tw, std
