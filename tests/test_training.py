@@ -70,14 +70,23 @@ def torchrun(tmp_path, name, nproc, *extra):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
            str(29400 + (os.getpid() % 500)), os.path.join(REPO, "pretrain_nsmla.py"), *TINY, *MOCK,
            "--data-cache-path", str(tmp_path / "cache"), "--log-json", str(log), *extra]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO)
+    # The repository first, then whatever path the caller's packages came from (megatron-core may
+    # be installed onto PYTHONPATH rather than into site-packages, as on the GPU machine).
+    path = os.pathsep.join(p for p in (REPO, os.environ.get("PYTHONPATH")) if p)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=path)
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return losses(log)
 
 
+# The exactness checks across process layouts run on the CPU (gloo, deterministic kernels) on every
+# machine: a one-GPU machine cannot host two NCCL ranks, and CUDA's atomic adds would make the
+# losses differ by more than the 2e-5 checked here.
+ON_CPU = ["--device", "cpu"]
+
+
 def test_two_data_parallel_ranks_match_single_process(tmp_path):
-    common = ["--train-iters", "4", "--global-batch-size", "4"]
+    common = ["--train-iters", "4", "--global-batch-size", "4", *ON_CPU]
     single = losses(run(tmp_path, "single", *MOCK, *common))
     multi = torchrun(tmp_path, "dp2", 2, *common)
     for it in single:
@@ -91,7 +100,7 @@ def test_tensor_parallel_matches_single_process(tmp_path, scoring):
     Starting from a checkpoint rather than from a fresh init because megatron's SwiGLU fc1 is laid
     out per TP rank ([gate_r; up_r]), so the same seed gives a different function at TP=1 and TP=2;
     a resharded checkpoint is the same function."""
-    common = ["--train-iters", "4", "--global-batch-size", "4", "--nsmla-scoring", scoring]
+    common = ["--train-iters", "4", "--global-batch-size", "4", "--nsmla-scoring", scoring, *ON_CPU]
     ckpt = str(tmp_path / "ckpt")
     run(tmp_path, "first", *MOCK, *common, "--exit-interval", "1", "--save", ckpt)
     single = losses(run(tmp_path, "single", *MOCK, *common))
