@@ -27,8 +27,8 @@ from kernels.native_topk.triton_impl import _aim, _sample_grid
 BM, BN = g.BM, g.BN
 J = 16
 SAMPLE_HEADS = (16, 32, 64, 128)
-# counts: [tokens, J thresholds, keys] with the J thresholds in each thread's registers, so that the
-# tile's per-token sums (TOKS) are its dim-1 slice and the thresholds its dim-2 slice.
+# counts: [tokens, J thresholds, keys] with the J thresholds in each thread's registers, so that a
+# tile's [tokens, keys] head sums are its dim-1 slice (S3) and the thresholds its dim-2 slice (THL).
 CNT3 = gl.constexpr(gl.BlockedLayout([1, J, 4], [1, 1, 32], [4, 1, 1], [2, 1, 0]))
 S3 = gl.constexpr(gl.SliceLayout(1, CNT3.value))   # [tokens, keys]
 THL = gl.constexpr(gl.SliceLayout(2, CNT3.value))  # [tokens, J]
