@@ -10,12 +10,13 @@ MMAs sit between the reads and the adds. `_dkv_traffic_kernel` here moves exactl
 the same launches, with the same slab-major dkv and persisting L2 window, and no MMA:
 - `reads`: the q/dO slabs and P/dS tiles, summed over the heads (so that the loads are used);
 - `adds`: the atomic adds alone (a value derived from the key index);
-- `both`: both, the pass's traffic. Its time bounds the pass from below for this design: the
-  pass cannot add its MMA results faster than the memory system takes the bytes.
+- `both`: both, the pass's traffic. Its time is what the memory system needs for the pass's
+  bytes: a pass that takes about as long is bound by its traffic, not by its MMAs. (The probe is a
+  plain Triton kernel, not an optimal one: at h64 the pass itself was faster.)
 
-T 4096 tokens, k 2048 random distinct causal keys (bench_sparse_mla's problem). Prints a table and
-writes benchmarks/results/roofline_dkv-<device>.json (op `sparse_mla_bwd_dkv`; `baseline` = the
-traffic alone, so `speedup` < 1 says how far the pass is from it).
+T 4096 tokens, k 2048 random distinct causal keys (bench_sparse_mla's problem). Prints a table (ms;
+`ratio` = traffic / pass) and writes benchmarks/results/roofline_dkv-<device>.json (op
+`sparse_mla_bwd_dkv`; `baseline` = the traffic alone, so `speedup` = the same ratio).
 """
 
 from __future__ import annotations
@@ -175,7 +176,7 @@ def main() -> None:
     common = environment(name)
     gen = torch.Generator(device="cuda").manual_seed(0)
     print(f"{name} | torch {torch.__version__} | triton {triton.__version__} | T {opts.tokens} | k {opts.topk}")
-    print(f"{'H':>4} {'L':>7} {'pass ms':>9} {'TFLOP/s':>8} {'traffic':>9} {'adds':>9} {'reads':>9} {'bound':>8}")
+    print(f"{'H':>4} {'L':>7} {'pass ms':>9} {'TFLOP/s':>8} {'traffic':>9} {'adds':>9} {'reads':>9} {'ratio':>8}")
     records = [bench_case(H, L, opts.tokens, opts.topk, gen, common) for H, L in cases]
     write_results(records, "roofline_dkv", name, opts.out_dir, opts.tag)
 

@@ -232,8 +232,9 @@ class _Rows:
 def _first_thresholds(runner: _Rows, topk: int):
     """From the samples: main-pass grid [R, MAIN_GRID] (ascending), write threshold [R] and the
     sample's score std [R] (the scale by which retries widen their search). The arithmetic runs in
-    the sample passes' epilogues (triton_impl: `_sample_grid`, then `_aim`), so the host queues
-    two launches and no small ops."""
+    the Triton sample passes' epilogues (triton_impl: `_sample_grid`, then `_aim`), so the host
+    queues two launches and no small ops; after the Gluon passes (gluon_sample.py) the same code
+    runs in a small Triton kernel, four launches in all."""
     R, dev, target = runner.R, runner.kv.device, TARGET * topk
     # Every row has more than topk keys, so this step samples at least 32 keys of each.
     stats_step = min(STATS_STEP, max(SAMPLE_STEP, topk // 32))
