@@ -188,14 +188,15 @@ def _lse_math1(q_s, k_s, ready, free, q_bar, xbuf, x_bar, LSE2, n_rows, r0, tok0
 
 
 @gluon.jit
-def _block_bounds(n_rows, tok0, H, L, q_offset):
+def _block_bounds(n_rows, tok0, H, L, q_offset, key_step):
     """This program's first row r0 (row blocks last first: the last rows have the most causal keys,
-    so they start first), its key tiles, and the fewest causal keys of its rows."""
+    so they start first), its tiles of BN keys taken every key_step-th (1: all keys), and the
+    fewest causal keys of its rows."""
     r0 = (gl.num_programs(0) - 1 - gl.program_id(0)) * BM
     r_last = gl.minimum(r0 + BM, n_rows) - 1
     n_max = gl.minimum(tok0 + r_last // H + q_offset + 1, L)
     n_min = gl.minimum(tok0 + r0 // H + q_offset + 1, L)
-    return r0, gl.cdiv(n_max, BN), n_min
+    return r0, gl.cdiv(gl.cdiv(n_max, key_step), BN), n_min
 
 
 @gluon.jit
@@ -221,7 +222,7 @@ def _lse_ws_kernel(q_desc, kv_desc, LSE2, n_rows, q_row_base, tok0, H, L, q_offs
                    NC: gl.constexpr, STAGES: gl.constexpr):
     """One program = 128 rows of q viewed [T * H, D]: rows r0 .. r0 + 127 of this call (row r is
     token tok0 + r // H, head r % H; LSE2 is [n_rows] in the same order)."""
-    r0, n_tiles, n_min = _block_bounds(n_rows, tok0, H, L, q_offset)
+    r0, n_tiles, n_min = _block_bounds(n_rows, tok0, H, L, q_offset, 1)
     # D 576, STAGES 4: 147,456 + 65,536 bytes + 1 KiB of row statistics and the barriers.
     q_s, k_s, ready, free, q_bar = _ring(q_desc, kv_desc, NC, STAGES)
     xbuf = gl.allocate_shared_memory(gl.float32, [2, BM], gl.SwizzledSharedLayout(1, 1, 1, order=[0]))
@@ -258,16 +259,26 @@ def _head_sum(p, TPB: gl.constexpr, H: gl.constexpr):
 
 
 @gluon.jit
+def _block_tokens(LSE2, n_rows, r0, tok0, L, q_offset, TPB: gl.constexpr):
+    """The per-row and per-token values of a program's TPB whole tokens (rows r0 .. r0 + 127): lse2 of
+    its rows [BM] (ROW), this call's token slots [TPB] (TOK), which of them exist, and their causal
+    key counts (0 for the others)."""
+    H: gl.constexpr = BM // TPB
+    rows = r0 + gl.arange(0, BM, layout=ROW)
+    lse2 = gl.load(LSE2 + rows, mask=rows < n_rows, other=0.0)
+    slot = r0 // H + gl.arange(0, TPB, layout=TOK)
+    ok = slot < n_rows // H
+    n_tok = gl.where(ok, gl.minimum(tok0 + slot + q_offset + 1, L), 0)
+    return lse2, slot, ok, n_tok
+
+
+@gluon.jit
 def _main_math(W: gl.constexpr, q_s, k_s, ready, free, q_bar, cur_s, turn, LSE2, TW, BUF, CNT_W, n_rows, r0, tok0,
                L, q_offset, scale_log2, cap, stride_buf, n_tiles, n_min):
     """Math warpgroup W: tiles W, W + 2, ...; each tile's per-token score sums and candidate stores."""
     TPB: gl.constexpr = cur_s.shape[0]  # tokens a program
     H: gl.constexpr = BM // TPB
-    rows = r0 + gl.arange(0, BM, layout=ROW)
-    lse2 = gl.load(LSE2 + rows, mask=rows < n_rows, other=0.0)
-    slot = r0 // H + gl.arange(0, TPB, layout=TOK)  # this call's token slots
-    ok = slot < n_rows // H
-    n_tok = gl.where(ok, gl.minimum(tok0 + slot + q_offset + 1, L), 0)
+    lse2, slot, ok, n_tok = _block_tokens(LSE2, n_rows, r0, tok0, L, q_offset, TPB)
     tw = gl.load(TW + slot, mask=ok, other=float("inf"))
     row_buf = BUF + slot.to(gl.int64) * stride_buf
     bits = 0
@@ -317,7 +328,7 @@ def _main_ws_kernel(q_desc, kv_desc, LSE2, TW, BUF, CNT_W, n_rows, q_row_base, t
     """One program = 128 rows of q viewed [T * H, D] (128 / H whole tokens; H in MAIN_HEADS): rows
     r0 .. r0 + 127 of this call, token slots r0 / H .. (TW, CNT_W [slots], BUF [slots, cap + BN]
     int64, LSE2 [n_rows])."""
-    r0, n_tiles, n_min = _block_bounds(n_rows, tok0, H, L, q_offset)
+    r0, n_tiles, n_min = _block_bounds(n_rows, tok0, H, L, q_offset, 1)
     q_s, k_s, ready, free, q_bar = _ring(q_desc, kv_desc, NC, STAGES)
     TPB: gl.constexpr = BM // H
     cur_s = gl.allocate_shared_memory(gl.int32, [TPB], gl.SwizzledSharedLayout(1, 1, 1, order=[0]))

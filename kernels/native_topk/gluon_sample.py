@@ -41,11 +41,7 @@ def _sample_math(W: gl.constexpr, q_s, k_s, ready, free, q_bar, vec_s, cnt_s, x_
     TPB: gl.constexpr = vec_s.shape[1]
     NJ: gl.constexpr = cnt_s.shape[1]
     H: gl.constexpr = BM // TPB
-    rows = r0 + gl.arange(0, BM, layout=g.ROW)
-    lse2 = gl.load(LSE2 + rows, mask=rows < n_rows, other=0.0)
-    slot = r0 // H + gl.arange(0, TPB, layout=g.TOK)
-    ok = slot < n_rows // H
-    n_tok = gl.where(ok, gl.minimum(tok0 + slot + q_offset + 1, L), 0)
+    lse2, slot, ok, n_tok = g._block_tokens(LSE2, n_rows, r0, tok0, L, q_offset, TPB)
     s_max = gl.full([TPB], float("-inf"), gl.float32, g.TOK)
     s_n = gl.zeros([TPB], gl.float32, g.TOK)
     s_sum = gl.zeros([TPB], gl.float32, g.TOK)
@@ -118,10 +114,7 @@ def _sample_math1(q_s, k_s, ready, free, q_bar, vec_s, cnt_s, x_bar, LSE2, TH, O
 def _sample_ws_kernel(q_desc, kv_desc, LSE2, TH, OUT, CNT, n_rows, q_row_base, tok0, L, q_offset, scale_log2,
                       key_step, H: gl.constexpr, NJ: gl.constexpr, NC: gl.constexpr, STAGES: gl.constexpr):
     """One program = 128 rows of q viewed [T * H, D]; kv_desc covers every key_step-th key."""
-    r0 = (gl.num_programs(0) - 1 - gl.program_id(0)) * BM
-    r_last = gl.minimum(r0 + BM, n_rows) - 1
-    n_max = gl.minimum(tok0 + r_last // H + q_offset + 1, L)
-    n_tiles = gl.cdiv(gl.cdiv(n_max, key_step), BN)
+    r0, n_tiles, _ = g._block_bounds(n_rows, tok0, H, L, q_offset, key_step)
     q_s, k_s, ready, free, q_bar = g._ring(q_desc, kv_desc, NC, STAGES)
     TPB: gl.constexpr = BM // H
     flat: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, order=[0])
