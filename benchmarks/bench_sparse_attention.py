@@ -55,6 +55,7 @@ def main() -> None:
     p.add_argument("--block-rows", type=int, default=16384, help="query rows per block when H x L is large")
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--out-dir", default=RESULTS_DIR)
+    p.add_argument("--tag", default="", help="added to the result file's name")
     opts = p.parse_args()
 
     import torch
@@ -121,7 +122,7 @@ def main() -> None:
                 "includes": "native indexer + top-k + sparse MLA fwd + bwd (attention core, no projections)",
                 **environment(name),
             })
-    write_results(records, "sparse_attention", name, opts.out_dir)
+    write_results(records, "sparse_attention", name, opts.out_dir, opts.tag)
 
 
 if __name__ == "__main__":

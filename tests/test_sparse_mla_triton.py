@@ -251,6 +251,38 @@ def test_gluon_backward_matches_reference(shape, monkeypatch):
         assert_close("dkv (row-major)", ref[3], dkv.float().cpu(), BOUND[torch.bfloat16])
 
 
+@pytest.mark.skipif(not _hopper(), reason="the Gluon dq pass needs a Hopper GPU (Gluon has no CPU interpreter)")
+@pytest.mark.parametrize("shape", [(129, 3000, 128, 2048 + 37), (40, 900, 256, 300), (9, 70, 128, 64)],
+                         ids=lambda s: "T{}-L{}-H{}-k{}".format(*s))
+def test_gluon_dq_slabs_match_whole_rows(shape):
+    """The 128-head column-slab dq kernel (the default at H 128 and 256) against the 64-head
+    whole-row one (bitwise: each dq element sums the same products in the same order) and against
+    fp32 dS K, for a chunk of tokens that starts past token 0: ragged last block (k 2085, 300),
+    one block (k 64), 25% invalid slots and a row with no key (their dS zero, as pass 1 writes it),
+    two 128-head blocks (H 256). Rows outside the chunk stay untouched."""
+    from kernels.sparse_mla.gluon_bwd_dq import sparse_mla_dq_gluon
+
+    T, L, H, k = shape
+    gen = torch.Generator().manual_seed(fresh_seed())
+    _, kv, idx = make_inputs(T, L, H, 576, k, torch.bfloat16, gen)
+    kv, idx = kv.cuda(), idx.cuda()
+    t0 = T // 3
+    kp = -(-k // 64) * 64
+    ok = idx[t0:] >= 0
+    ds = torch.zeros(T - t0, H, kp)
+    ds[..., :k] = torch.randn(T - t0, H, k, generator=gen) * 1e-2 * ok.cpu()[:, None, :]
+    ds = ds.to(torch.bfloat16).cuda()
+    got = {}
+    for slabs in (True, False):
+        got[slabs] = torch.full((T, H, 576), float("nan"), dtype=torch.bfloat16, device="cuda")
+        sparse_mla_dq_gluon(kv, idx, ds, t0, got[slabs], slabs=slabs)
+    assert torch.isnan(got[True][:t0]).all() and not torch.isnan(got[True][t0:]).any()
+    assert torch.equal(got[True][t0:], got[False][t0:])
+    keys = kv.float()[idx[t0:].clamp(min=0).long()] * ok[..., None]  # [n, k, 576]
+    ref = torch.einsum("thk,tkd->thd", ds[..., :k].float(), keys)
+    assert_close("dq (slabs)", ref, got[True][t0:].float(), BOUND[torch.bfloat16])
+
+
 @pytest.mark.skipif(not GPU, reason="needs a CUDA device")
 def test_persisting_l2_window_restores_the_device_limit():
     """kernels.l2_persist.persisting_l2 sets the persisting-L2 set-aside only inside its block: the
