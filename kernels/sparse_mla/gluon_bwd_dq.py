@@ -19,7 +19,7 @@ row twice per token, once per 64-head program. There one program is (token, 128 
 192-column slab of 3): it gathers only its slab of each selected row (128 + 64 columns) and the
 [128, 64] dS tile, four stages of 40 KiB (160 KiB); WG0 takes heads 0-63, WG1 heads 64-127, each
 a [64, 192] fp32 accumulator. Bytes a token at h128, k 2048: 3.8 MB instead of 5.1; the pass went
-from 4.26 to 3.32 ms at L 32k (NOTES.md, seventeenth round), with bitwise the same dq.
+from about 4.2 to 3.3-3.8 ms at L 32k (NOTES.md, seventeenth round), with bitwise the same dq.
 Invalid slots and slots past k read as zero rows (and their dS is zero).
 Not run by TRITON_INTERPRET (Gluon has no interpreter); tested on the GPU against PyTorch.
 """
