@@ -20,7 +20,7 @@ one running max m:
        O_L = O_L*exp2(m - m1) + P0 V0_L + P1 V1_L
   WG1: O_R += P0 V0_R
 WG0 waits for the pair's maximum before its exponentials, so that P0 and its accumulator are scaled
-once. (Before, WG0 went on at m0 and rescaled both to m1 afterwards: 3.5-4.5% slower at h64/h128,
+once. (Before, WG0 went on at m0 and rescaled both to m1 afterwards: 1-4.5% slower at h64/h128,
 NOTES.md seventeenth round.)
 P0 goes into the rope columns of its key buffer (its scores are done with them, and V only reads
 columns 0-511), P1 into an 8 KB buffer of its own: 230,864 bytes of shared memory, Q 72 KiB + two
