@@ -174,8 +174,8 @@ def sample_pass_gluon(q, kv, lse2, row_base, n_tokens, q_offset, scale_log2, key
     return out if th is None else (cnt, out[:, 0])
 
 
-def first_thresholds_gluon(q, kv, lse2, row_base, n_tokens, q_offset, scale_log2, topk, target, stats_step,
-                           sample_step, grid_n=16):
+def first_thresholds_gluon(q, kv, lse2, row_base, n_tokens, q_offset, scale_log2, target, stats_step, sample_step,
+                           grid_n=16):
     """The driver's `_first_thresholds` by these passes: (main grid [R, 16], tw [R], std [R])."""
     R, dev = n_tokens, q.device
     stats = sample_pass_gluon(q, kv, lse2, row_base, n_tokens, q_offset, scale_log2, stats_step)

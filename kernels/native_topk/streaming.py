@@ -243,7 +243,7 @@ def _first_thresholds(runner: _Rows, topk: int):
         if runner.P in gluon_sample.SAMPLE_HEADS:
             return gluon_sample.first_thresholds_gluon(
                 runner.A.transpose(0, 1), runner.kv, runner.lse2, runner.row_base, R, runner.q_offset,
-                runner.scale_log2, topk, target, stats_step, SAMPLE_STEP, SAMPLE_GRID)
+                runner.scale_log2, target, stats_step, SAMPLE_STEP, SAMPLE_GRID)
     grid, std = torch.empty(R, SAMPLE_GRID, device=dev), torch.empty(R, device=dev)
     runner.run(0, key_step=stats_step, aim=(target, grid, std))
     main, tw = torch.empty(R, MAIN_GRID, device=dev), torch.empty(R, device=dev)

@@ -63,7 +63,6 @@ ROW_S = gl.constexpr(gl.SliceLayout(1, S_LAYOUT.value))
 NV_SMEM = gl.constexpr(gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2))
 
 
-
 @gluon.jit
 def _gather_rows(dst, SRC, row_off, row_ok, COLS: gl.constexpr):
     """cp.async SRC[row_off[r] + c] -> dst[r, c] for c < COLS (rows not ok are zero-filled).
