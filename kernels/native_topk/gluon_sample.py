@@ -3,7 +3,7 @@
 per-token head sums as in the main pass, then
 - stats mode: per token n, sum, sum of squares, max over the sampled causal keys -> STATS [R, 4];
 - counts mode: per token the count of sampled causal keys >= each of J thresholds TH [R, J] -> CNT
-  [R, J] int32, and the max -> RMAX [R];
+  [R, J] int32;
 then `_sample_aim_kernel` (Triton) turns them into the grid / write threshold with triton_impl's own
 `_sample_grid` and `_aim`, as the Triton sample passes' epilogues do.
 
@@ -60,8 +60,8 @@ def _sample_math(W: gl.constexpr, q_s, k_s, ready, free, q_bar, vec_s, cnt_s, x_
         keys = (t * BN + gl.arange(0, BN, layout=g.KEY)) * key_step
         valid = keys[None, :] < n_tok[:, None]
         s = gl.where(valid, tot, float("-inf"))
-        s_max = gl.maximum(s_max, gl.max(s, 1))
         if NJ == 1:
+            s_max = gl.maximum(s_max, gl.max(s, 1))
             v = gl.where(valid, tot, 0.0)
             s_n += gl.sum(valid.to(gl.float32), 1)
             s_sum += gl.sum(v, 1)
@@ -70,21 +70,22 @@ def _sample_math(W: gl.constexpr, q_s, k_s, ready, free, q_bar, vec_s, cnt_s, x_
             s3 = gl.convert_layout(s, S3)
             counts += gl.sum((gl.expand_dims(s3, 1) >= gl.expand_dims(th, 2)).to(gl.int32), 2)
     if W == 1:
-        vec_s.index(0).store(s_n)
-        vec_s.index(1).store(s_sum)
-        vec_s.index(2).store(s_sq)
-        vec_s.index(3).store(s_max)
-        if NJ > 1:
+        if NJ == 1:
+            vec_s.index(0).store(s_n)
+            vec_s.index(1).store(s_sum)
+            vec_s.index(2).store(s_sq)
+            vec_s.index(3).store(s_max)
+        else:
             cnt_s.store(counts)
         _sync_warps()
         mbarrier.arrive(x_bar)
     else:
         mbarrier.wait(x_bar, 0)
-        s_n += vec_s.index(0).load(g.TOK)
-        s_sum += vec_s.index(1).load(g.TOK)
-        s_sq += vec_s.index(2).load(g.TOK)
-        s_max = gl.maximum(s_max, vec_s.index(3).load(g.TOK))
         if NJ == 1:
+            s_n += vec_s.index(0).load(g.TOK)
+            s_sum += vec_s.index(1).load(g.TOK)
+            s_sq += vec_s.index(2).load(g.TOK)
+            s_max = gl.maximum(s_max, vec_s.index(3).load(g.TOK))
             gl.store(OUT + slot * 4, s_n, mask=ok)
             gl.store(OUT + slot * 4 + 1, s_sum, mask=ok)
             gl.store(OUT + slot * 4 + 2, s_sq, mask=ok)
@@ -93,7 +94,6 @@ def _sample_math(W: gl.constexpr, q_s, k_s, ready, free, q_bar, vec_s, cnt_s, x_
             counts += cnt_s.load(THL)
             gl.store(CNT + slot_t[:, None] * NJ + jj[None, :], counts,
                      mask=(slot_t < n_rows // H)[:, None] & (jj >= 0)[None, :])
-            gl.store(OUT + slot, s_max, mask=ok)
 
 
 @gluon.jit
@@ -156,7 +156,7 @@ def _sample_aim_kernel(STATS, CNT, TH, AIM_TH, AIM_W, R, L, q_offset, row_base, 
 
 
 def sample_pass_gluon(q, kv, lse2, row_base, n_tokens, q_offset, scale_log2, key_step, th=None):
-    """Stats (th None): STATS [R, 4]; counts at th [R, J]: (CNT [R, J] int32, RMAX [R])."""
+    """Stats (th None): STATS [R, 4] fp32 (n, sum, sum of squares, max); counts at th [R, J]: CNT [R, J] int32."""
     T, H, D = q.shape
     R = n_tokens
     dev = q.device
@@ -165,13 +165,14 @@ def sample_pass_gluon(q, kv, lse2, row_base, n_tokens, q_offset, scale_log2, key
     kv_desc = g.TensorDescriptor(kv, [triton.cdiv(kv.shape[0], key_step), D], [key_step * kv.stride(0), 1],
                                  [BN.value, g.DC.value], g.SMEM)
     nj = 1 if th is None else th.shape[1]
-    out = torch.empty(R, 4 if th is None else 1, dtype=torch.float32, device=dev)
-    cnt = torch.empty(R, nj, dtype=torch.int32, device=dev)
+    # Each mode writes one of out / cnt; the other is a one-element placeholder for its pointer.
+    out = torch.empty((R, 4) if th is None else (1,), dtype=torch.float32, device=dev)
+    cnt = torch.empty((1,) if th is None else (R, nj), dtype=torch.int32, device=dev)
     th_arg = th.contiguous() if th is not None else out
     _sample_ws_kernel[(triton.cdiv(n_rows, BM.value),)](
         q_desc, kv_desc, lse2, th_arg, out, cnt, n_rows, row_base * H, row_base, kv.shape[0], q_offset, scale_log2,
         key_step, H=H, NJ=nj, NC=D // g.DC.value, STAGES=g.STAGES_DEFAULT, num_warps=4)
-    return out if th is None else (cnt, out[:, 0])
+    return out if th is None else cnt
 
 
 def first_thresholds_gluon(q, kv, lse2, row_base, n_tokens, q_offset, scale_log2, target, stats_step, sample_step,
@@ -185,7 +186,7 @@ def first_thresholds_gluon(q, kv, lse2, row_base, n_tokens, q_offset, scale_log2
     _sample_aim_kernel[(triton.cdiv(R, blk),)](stats, stats, stats, grid, std, R, kv.shape[0], q_offset, row_base,
                                                stats_step, float(target), COUNTS=False, J_=grid_n, GRID=grid_n,
                                                BLOCK=blk)
-    cnt, _ = sample_pass_gluon(q, kv, lse2, row_base, n_tokens, q_offset, scale_log2, sample_step, th=grid)
+    cnt = sample_pass_gluon(q, kv, lse2, row_base, n_tokens, q_offset, scale_log2, sample_step, th=grid)
     main, tw = torch.empty(R, grid_n, device=dev), torch.empty(R, device=dev)
     _sample_aim_kernel[(triton.cdiv(R, blk),)](stats, cnt, grid, main, tw, R, kv.shape[0], q_offset, row_base,
                                                sample_step, float(target), COUNTS=True, J_=grid_n, GRID=grid_n,
