@@ -79,19 +79,17 @@ def _dkv_traffic_kernel(Q, DO, IDX, P, DS, DKV, BOUNDS, OUT, rng, c0, stride_qt,
 
 
 def traffic(q, dout, idx, p, ds, slabs, bounds, range_keys, window, read: bool, add: bool, out) -> None:
-    """The pass's launches (slab by slab, key range by key range, as `sparse_mla_dkv_gluon`) with
+    """The pass's launches (`gluon_bwd_dkv.slab_launches`, as `sparse_mla_dkv_gluon`) with
     `_dkv_traffic_kernel` in place of the Gluon kernel."""
+    from kernels.sparse_mla.gluon_bwd_dkv import slab_launches
+
     T, H, _ = p.shape
     slab_cols = slabs.shape[2]
-    for slab in range(slabs.shape[0]):
-        for rng in range(bounds.shape[1] - 1):
-            target = slabs[slab]
-            if window is not None:
-                window.cover(target[rng * range_keys:(rng + 1) * range_keys])
-            _dkv_traffic_kernel[(T,)](
-                q, dout, idx, p, ds, target, bounds, out, rng, slab * slab_cols, q.stride(0), q.stride(1),
-                dout.stride(0), dout.stride(1), idx.stride(0), p.stride(0), p.stride(1), target.stride(0),
-                bounds.stride(0), HP=H, D_V=dout.shape[2], READ=read, ADD=add, num_warps=8)
+    for slab, rng, target in slab_launches(slabs, bounds, range_keys, window):
+        _dkv_traffic_kernel[(T,)](
+            q, dout, idx, p, ds, target, bounds, out, rng, slab * slab_cols, q.stride(0), q.stride(1),
+            dout.stride(0), dout.stride(1), idx.stride(0), p.stride(0), p.stride(1), target.stride(0),
+            bounds.stride(0), HP=H, D_V=dout.shape[2], READ=read, ADD=add, num_warps=8)
 
 
 def bench_case(H, L, T, k, gen, common):

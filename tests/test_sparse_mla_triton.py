@@ -155,6 +155,35 @@ def test_dkv_column_slabs_follow_the_measured_choices():
     assert _slab_cols(4096, 576, 64, 128, 2, None) == 576
 
 
+def test_gluon_dkv_launch_order_and_targets():
+    """gluon_bwd_dkv.slab_launches (the Gluon dK/dV pass's and its traffic probe's launch loop):
+    slab by slab, key range by key range; each target is that slab's 192 columns of a row-major
+    [L, 576] dkv, or its slab of a slab-major [3, L, 192] one; the window is moved over exactly the
+    range's rows of the target before each launch. Host-side only, so it runs on the CPU too."""
+    from kernels.sparse_mla.gluon_bwd_dkv import slab_launches
+
+    class Window:
+        def __init__(self):
+            self.covered = []
+
+        def cover(self, t):
+            self.covered.append((t.data_ptr(), t.shape[0]))
+
+    L, range_keys = 70, 32
+    bounds = torch.zeros(5, 4, dtype=torch.int32)  # 3 key ranges: [0, 32), [32, 64), [64, 70)
+    for dkv, col in ((torch.zeros(L, 576), lambda s: (0, 192 * s)), (torch.zeros(3, L, 192), lambda s: (s, 0))):
+        w = Window()
+        got = list(slab_launches(dkv, bounds, range_keys, w))
+        assert [(s, r) for s, r, _ in got] == [(s, r) for s in range(3) for r in range(3)]
+        for (s, r, target), (ptr, rows) in zip(got, w.covered):
+            assert target.shape[0] == L and target.stride(0) == dkv.stride(-2)
+            assert target.data_ptr() == dkv.data_ptr() + (col(s)[0] * dkv.stride(0) + col(s)[1]) * 4
+            assert ptr == target.data_ptr() + r * range_keys * target.stride(0) * 4
+            assert rows == min(range_keys, L - r * range_keys)
+        assert len(w.covered) == 9
+    assert len(list(slab_launches(torch.zeros(L, 576), bounds[:, :2], L))) == 3  # one range, no window
+
+
 def _hopper() -> bool:
     return GPU and torch.cuda.get_device_capability()[0] == 9
 

@@ -255,12 +255,21 @@ def sparse_mla_dkv_gluon(q, dout, indices, p, ds, t0: int, dkv, bounds=None, ran
     range_keys = range_keys or num_keys
     if bounds is None:
         bounds = slot_bounds(indices, num_keys, range_keys)
-    for slab in range(D.value // SLAB.value):  # all tokens for one slab (and key range), then the next
+    for slab, rng, target in slab_launches(dkv, bounds, range_keys, window):
+        _sparse_mla_bwd_dkv_ws_kernel[(n,)](
+            q, dout, indices, p, ds, target, bounds, rng, t0,
+            q.stride(0), q.stride(1), indices.stride(0), dout.stride(0), dout.stride(1), p.stride(0),
+            p.stride(1), target.stride(0), bounds.stride(0), HP=H, SLAB_I=slab, num_warps=4)
+
+
+def slab_launches(dkv: torch.Tensor, bounds: torch.Tensor, range_keys: int, window=None):
+    """The pass's launch order: all tokens for one 192-column slab and key range, then the next.
+    Yields (slab, key range, target), target = that slab's [L, 192]-column view of dkv ([L, 576] or
+    slab-major [3, L, 192]), with `window` moved over the range's rows first when given.
+    (benchmarks/roofline_dkv.py makes the same launches with its traffic kernel.)"""
+    for slab in range(D.value // SLAB.value):
         for rng in range(bounds.shape[1] - 1):
             target = dkv[:, SLAB.value * slab:] if dkv.dim() == 2 else dkv[slab]
             if window is not None:
                 window.cover(target[rng * range_keys:(rng + 1) * range_keys])
-            _sparse_mla_bwd_dkv_ws_kernel[(n,)](
-                q, dout, indices, p, ds, target, bounds, rng, t0,
-                q.stride(0), q.stride(1), indices.stride(0), dout.stride(0), dout.stride(1), p.stride(0),
-                p.stride(1), target.stride(0), bounds.stride(0), HP=H, SLAB_I=slab, num_warps=4)
+            yield slab, rng, target
