@@ -350,10 +350,10 @@ def _sparse_mla_fwd_ws_kernel(Q, KV, IDX, OUT, LSE, scale_log2, H, TOPK, n_pairs
         [(_producer, (Q, KV, IDX, q_row0, stride_qh, stride_kv, idx_row0, TOPK, n_pairs,
                       q_n, q_r, kn, kr, ready_l, ready_r, free_l, free_r, q_bar)),
          (_wg0, math_args), (_wg1, math_args)],
-        # Registers a thread: WG0 224, WG1 232, which leaves the producer 48 (232 / 232 left it 40).
-        # Measured 2-5% faster than 232 / 232 at h64 / h128, L 32k / 128k, and than 224 / 224,
-        # 232 / 224 and 216 / 216 (NOTES.md, eighteenth round).
-        [4, 4], [224, 232])
+        # Registers a thread: WG0 208, WG1 248 (the producer is left 48). Of the eleven splits timed,
+        # this and 208 / 240 were the fastest: 1.4-4.5% faster than 224 / 232, which was 2-4.7%
+        # faster than 232 / 232 (NOTES.md, eighteenth round).
+        [4, 4], [208, 248])
 
 
 def gluon_fwd_supported(q: torch.Tensor, kv: torch.Tensor, d_v: int) -> bool:
