@@ -350,7 +350,7 @@ def _sparse_mla_fwd_ws_kernel(Q, KV, IDX, OUT, LSE, scale_log2, H, TOPK, n_pairs
         [(_producer, (Q, KV, IDX, q_row0, stride_qh, stride_kv, idx_row0, TOPK, n_pairs,
                       q_n, q_r, kn, kr, ready_l, ready_r, free_l, free_r, q_bar)),
          (_wg0, math_args), (_wg1, math_args)],
-        # Registers a thread: WG0 208, WG1 248 (the producer is left 48). Of the eleven splits timed,
+        # Registers a thread: WG0 208, WG1 248 (the producer is left 48). Of the twelve splits timed,
         # this and 208 / 240 were the fastest: 1.4-4.5% faster than 224 / 232, which was 2-4.7%
         # faster than 232 / 232 (NOTES.md, eighteenth round).
         [4, 4], [208, 248])
