@@ -33,8 +33,8 @@ from triton.experimental.gluon.language.nvidia import hopper
 from triton.experimental.gluon.language.nvidia.ampere import async_copy
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier
 
-from .gluon_fwd import (BLOCK_H, BLOCK_K, D_ROPE, D_V, HALF, O_LAYOUT, S_LAYOUT, _block_rows, _gather_half,
-                        _gather_rows)
+from .gluon_fwd import (BLOCK_H, BLOCK_K, D_ROPE, D_V, HALF, NV_SMEM, O_LAYOUT, S_LAYOUT, _block_rows,
+                        _gather_half, _gather_rows)
 
 
 # The slab kernel: 192 columns a program, held as a 128- and a 64-column tile (Gluon's buffers take
@@ -122,10 +122,9 @@ def _sparse_mla_bwd_dq_ws_kernel(KV, IDX, DS, DQ, H, TOPK, n_blocks, t0,
     h0 = (pid % hblocks) * BLOCK_H
     t = t0 + r
 
-    nv: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
-    kn = gl.allocate_shared_memory(gl.bfloat16, [2, BLOCK_K, D_V], nv)
-    kr = gl.allocate_shared_memory(gl.bfloat16, [2, BLOCK_K, D_ROPE], nv)
-    dsb = gl.allocate_shared_memory(gl.bfloat16, [2, BLOCK_H, BLOCK_K], nv)
+    kn = gl.allocate_shared_memory(gl.bfloat16, [2, BLOCK_K, D_V], NV_SMEM)
+    kr = gl.allocate_shared_memory(gl.bfloat16, [2, BLOCK_K, D_ROPE], NV_SMEM)
+    dsb = gl.allocate_shared_memory(gl.bfloat16, [2, BLOCK_H, BLOCK_K], NV_SMEM)
     bar: gl.constexpr = mbarrier.MBarrierLayout()
     ready = gl.allocate_shared_memory(gl.int64, [2, 1], bar)
     free = gl.allocate_shared_memory(gl.int64, [2, 1], bar)
@@ -204,10 +203,9 @@ def _sparse_mla_bwd_dq_slab_ws_kernel(KV, IDX, DS, DQ, H, TOPK, n_blocks, t0,
     col0 = (pid % n_slabs) * SLAB
     t = t0 + r
 
-    nv: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
-    ka = gl.allocate_shared_memory(gl.bfloat16, [SLAB_STAGES, BLOCK_K, SLAB_A], nv)
-    kb = gl.allocate_shared_memory(gl.bfloat16, [SLAB_STAGES, BLOCK_K, SLAB - SLAB_A], nv)
-    dsb = gl.allocate_shared_memory(gl.bfloat16, [2 * SLAB_STAGES, BLOCK_H, BLOCK_K], nv)
+    ka = gl.allocate_shared_memory(gl.bfloat16, [SLAB_STAGES, BLOCK_K, SLAB_A], NV_SMEM)
+    kb = gl.allocate_shared_memory(gl.bfloat16, [SLAB_STAGES, BLOCK_K, SLAB - SLAB_A], NV_SMEM)
+    dsb = gl.allocate_shared_memory(gl.bfloat16, [2 * SLAB_STAGES, BLOCK_H, BLOCK_K], NV_SMEM)
     bar: gl.constexpr = mbarrier.MBarrierLayout()
     ready = gl.allocate_shared_memory(gl.int64, [SLAB_STAGES, 1], bar)
     free = gl.allocate_shared_memory(gl.int64, [SLAB_STAGES, 1], bar)
